@@ -1,0 +1,77 @@
+"""The ``lightning-kd`` command (also ``python -m lightning_kd``).
+
+``lightning-kd fit|validate|test|predict ...`` is a :class:`~lightning.pytorch.cli.LightningCLI`: ``--model KD``
+or a class path, ``--data`` likewise, trainer flags as usual, ``--config`` for YAML fragments.
+``lightning-kd run EXPERIMENT.yaml`` runs an experiment file (teacher, then every run) through the same path,
+and ``lightning-kd export CHECKPOINT OUTPUT`` writes a checkpoint's student as a plain ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_kd.methods import DistillationModule
+
+EXTRA_COMMANDS = """other commands:
+  lightning-kd run EXPERIMENT.yaml     train a teacher (or reuse it), then every run of the file; print a table
+  lightning-kd export CKPT OUTPUT.pt   save the student of a checkpoint as a plain state_dict"""
+
+
+class DistillationCLI(LightningCLI):
+    """LightningCLI for distillation modules: links the data module's ``num_classes`` and ``in_chans`` to the
+    model so models built by name get the right shapes."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("model_class", DistillationModule)
+        kwargs.setdefault("datamodule_class", L.LightningDataModule)
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("parser_kwargs", {"epilog": EXTRA_COMMANDS})
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("data", "model.init_args.in_chans", compute_fn=lambda data: getattr(data, "in_chans", 3),
+                              apply_on="instantiate")
+
+
+def export_student(checkpoint_path: str, output_path: str) -> dict[str, torch.Tensor]:
+    """Write the student weights of a distillation checkpoint to ``output_path`` as a plain ``state_dict``."""
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    state = checkpoint.get("state_dict", checkpoint)
+    student = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
+    if not student:
+        raise ValueError(f"{checkpoint_path!r} holds no 'student.*' weights: is it a lightning-kd checkpoint?")
+    torch.save(student, output_path)
+    return student
+
+
+def _export_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="lightning-kd export", description=export_student.__doc__)
+    parser.add_argument("checkpoint", help="a checkpoint written by lightning-kd fit")
+    parser.add_argument("output", help="where to write the student's state_dict (.pt)")
+    args = parser.parse_args(argv)
+    state = export_student(args.checkpoint, args.output)
+    print(f"wrote {len(state)} tensors of the student to {args.output}")
+
+
+def main(args: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["run"]:
+        from lightning_kd.runner import main as run_main
+
+        run_main(argv[1:])
+    elif argv[:1] == ["export"]:
+        _export_main(argv[1:])
+    else:
+        DistillationCLI(args=argv)
+
+
+__all__ = ["DistillationCLI", "export_student", "main"]

@@ -1,0 +1,91 @@
+"""scikit-learn's bundled 8×8 handwritten digits (1,797 images, 10 classes): real data with no download."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+
+class EpochSeededSampler(Sampler[int]):
+    """A random permutation drawn from ``seed + epoch``: the same order for the same epoch, whether the run
+    was interrupted and resumed or not (Lightning calls ``set_epoch`` at the start of every epoch)."""
+
+    def __init__(self, num_samples: int, seed: int = 0):
+        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def split_indices(num_samples: int, fractions: tuple[float, ...], seed: int) -> list[torch.Tensor]:
+    """Split ``range(num_samples)`` at random (fixed ``seed``) into parts of the given fractions; the last
+    part takes the rest."""
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))
+    sizes = [round(f * num_samples) for f in fractions]
+    parts, start = [], 0
+    for size in sizes:
+        parts.append(order[start:start + size])
+        start += size
+    return parts + [order[start:]]
+
+
+class DigitsDataModule(L.LightningDataModule):
+    """scikit-learn's ``load_digits``: 1×8×8 images scaled to [0, 1] and normalised with the training split's
+    mean and std, 10 classes.
+
+    There is no official split: ``test_fraction`` of the images (seeded by ``split_seed``) is the test set and
+    ``val_fraction`` is carved from the rest for validation; with ``val_fraction=0`` the test set doubles as
+    the validation set.
+    """
+
+    num_classes = 10
+    in_chans = 1
+
+    def __init__(self, batch_size: int = 64, test_fraction: float = 0.25, val_fraction: float = 0.0,
+                 split_seed: int = 0, shuffle_seed: int = 0, num_workers: int = 0):
+        super().__init__()
+        if not 0 < test_fraction < 1 or not 0 <= val_fraction < 1 - test_fraction:
+            raise ValueError(f"test_fraction={test_fraction} and val_fraction={val_fraction} must leave some "
+                             "training images: use 0 < test_fraction < 1 and 0 <= val_fraction < 1 - test_fraction")
+        self.save_hyperparameters()
+        self.datasets: dict[str, TensorDataset] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        targets = torch.tensor(digits.target, dtype=torch.long)
+        hp = self.hparams
+        test_idx, val_idx, train_idx = split_indices(len(targets), (hp.test_fraction, hp.val_fraction), hp.split_seed)
+        mean, std = images[train_idx].mean(), images[train_idx].std()
+        images = (images - mean) / std
+        parts = {"train": train_idx, "test": test_idx, "val": val_idx if len(val_idx) else test_idx}
+        self.datasets = {name: TensorDataset(images[idx], targets[idx]) for name, idx in parts.items()}
+
+    def _loader(self, split: str, sampler: Sampler | None = None) -> DataLoader:
+        return DataLoader(self.datasets[split], batch_size=self.hparams.batch_size, sampler=sampler,
+                          num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = EpochSeededSampler(len(self.datasets["train"]), self.hparams.shuffle_seed)
+        return self._loader("train", sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")

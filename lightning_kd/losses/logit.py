@@ -1,0 +1,528 @@
+"""Logit-based distillation losses (functional API).
+
+Every function here takes raw (unnormalised) logits of shape ``(B, C)``,
+upcasts them with ``.float()`` and evaluates with autocast disabled, so the
+result is a float32 tensor even when the caller runs under bf16/fp16 autocast.
+The reductions follow the official implementations of each paper so that the
+published hyper-parameters transfer unchanged; see each docstring.
+
+Implemented:
+
+* :func:`kd_loss` -- Hinton et al., 2015.
+* :func:`dkd_loss` -- Decoupled KD, Zhao et al., CVPR 2022.
+* :func:`dist_loss` -- DIST, Huang et al., NeurIPS 2022.
+* :func:`standardize_logits` -- logit standardization, Sun et al., CVPR 2024.
+* :func:`normkd_loss` -- NormKD, Chi et al., 2023.
+* :func:`gradient_reversal`, :func:`ctkd_temperature`, :func:`cosine_lambda`
+  -- Curriculum Temperature KD (CTKD), Li et al., AAAI 2023.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import ContextManager, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "kd_loss",
+    "dkd_loss",
+    "dist_loss",
+    "standardize_logits",
+    "normkd_loss",
+    "gradient_reversal",
+    "ctkd_temperature",
+    "cosine_lambda",
+]
+
+TemperatureLike = Union[float, int, Tensor]
+
+# Offset subtracted from the target-class logit (after temperature scaling) to
+# remove it from the non-target softmax, as in the official DKD code.
+_DKD_MASK_OFFSET = 1000.0
+# Epsilon of the DIST Pearson correlation (added to the product of norms).
+_DIST_EPS = 1e-8
+# Epsilon of logit standardization (added to the standard deviation).
+_STANDARDIZE_EPS = 1e-7
+
+
+# --------------------------------------------------------------------------- #
+# internal utilities
+# --------------------------------------------------------------------------- #
+def _autocast_off(device: torch.device) -> ContextManager:
+    """Context that disables autocast for ``device`` (no-op where unsupported)."""
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except (RuntimeError, ValueError):  # device type without autocast support
+        return nullcontext()
+
+
+def _check_pair(student_logits: Tensor, teacher_logits: Tensor) -> None:
+    if student_logits.dim() != 2:
+        raise ValueError(
+            f"expected logits of shape (B, C), got student shape {tuple(student_logits.shape)}"
+        )
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            "student and teacher logits must have the same shape, got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+
+
+def _temperature(
+    temperature: TemperatureLike, batch_size: int, device: torch.device, per_sample: bool = True
+) -> Union[float, Tensor]:
+    """Normalise a temperature argument.
+
+    Returns a python float, a 0-d float32 tensor (global, possibly learnable) or
+    a ``(B, 1)`` float32 tensor (one temperature per sample).  Gradients flow
+    into tensor temperatures.
+    """
+    if isinstance(temperature, Tensor):
+        t = temperature.to(device=device, dtype=torch.float32)
+        if t.numel() == 1:
+            return t.reshape(())
+        if per_sample and t.dim() in (1, 2) and t.shape[0] == batch_size and t.numel() == batch_size:
+            return t.reshape(batch_size, 1)
+        allowed = "a scalar or a tensor of shape (B,) / (B, 1)" if per_sample else "a scalar"
+        raise ValueError(
+            f"temperature must be {allowed} (B={batch_size}), got shape {tuple(t.shape)}"
+        )
+    t = float(temperature)
+    if not t > 0.0:
+        raise ValueError(f"temperature must be positive, got {t}")
+    return t
+
+
+def _per_sample_kl(log_p_student: Tensor, p_teacher: Tensor) -> Tensor:
+    """``sum_c p_t * (log p_t - log p_s)`` per row, shape ``(B, 1)``.
+
+    ``F.kl_div`` with a probability target uses ``xlogy`` so that classes with
+    zero teacher probability contribute exactly 0.
+    """
+    return F.kl_div(log_p_student, p_teacher, reduction="none").sum(dim=1, keepdim=True)
+
+
+# --------------------------------------------------------------------------- #
+# KD
+# --------------------------------------------------------------------------- #
+def kd_loss(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: TemperatureLike = 4.0
+) -> Tensor:
+    r"""Vanilla knowledge-distillation loss.
+
+    Paper: G. Hinton, O. Vinyals, J. Dean, "Distilling the Knowledge in a Neural
+    Network", NIPS 2014 Deep Learning Workshop (arXiv:1503.02531, 2015).
+
+    Formula: ``L = mean_i T_i^2 * KL(softmax(t_i / T_i) || softmax(s_i / T_i))``.
+
+    Reduction: the KL divergence is summed over classes, averaged over the batch
+    ("batchmean") and multiplied by ``T^2`` so that gradient magnitudes do not
+    shrink with the temperature (as in mdistiller's ``kd_loss``).
+
+    Args:
+        student_logits: ``(B, C)`` student logits.
+        teacher_logits: ``(B, C)`` teacher logits.
+        temperature: a positive python number; or a 0-d (or one-element) float
+            tensor, e.g. a learnable global temperature (gradients flow into
+            it); or a tensor of shape ``(B, 1)`` / ``(B,)`` holding one
+            temperature per sample, in which case each sample's KL is scaled by
+            its own ``T_i^2`` before averaging.
+
+    Returns:
+        0-d float32 tensor.
+
+    Example:
+        >>> s = torch.tensor([[0.0, 0.0, 0.0]])
+        >>> t = torch.tensor([[0.0, 0.0, math.log(4.0)]])
+        >>> round(kd_loss(s, t, temperature=1.0).item(), 4)  # ln(2) / 3
+        0.231
+        >>> kd_loss(t, t).item()
+        0.0
+    """
+    _check_pair(student_logits, teacher_logits)
+    with _autocast_off(student_logits.device):
+        s = student_logits.float()
+        t = teacher_logits.float()
+        temp = _temperature(temperature, s.shape[0], s.device)
+        log_p_s = F.log_softmax(s / temp, dim=1)
+        p_t = F.softmax(t / temp, dim=1)
+        return (_per_sample_kl(log_p_s, p_t) * temp**2).mean()
+
+
+# --------------------------------------------------------------------------- #
+# DKD
+# --------------------------------------------------------------------------- #
+def dkd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    target: Tensor,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    temperature: TemperatureLike = 4.0,
+) -> Tensor:
+    r"""Decoupled knowledge distillation loss (TCKD + NCKD).
+
+    Paper: B. Zhao, Q. Cui, R. Song, Y. Qiu, J. Liang, "Decoupled Knowledge
+    Distillation", CVPR 2022.
+
+    Formula: ``L = alpha * T^2 * KL(b_t || b_s) + beta * T^2 * KL(p~_t || p~_s)``
+    where ``b = [p_target, 1 - p_target]`` is the binary target/non-target
+    distribution of ``softmax(z / T)`` and ``p~`` is the softmax over the
+    non-target classes only.
+
+    Reduction (as in the official mdistiller code): each KL is summed over its
+    classes and over the batch, divided by the batch size and multiplied by
+    ``T^2``.  The non-target distribution is obtained, like the official code,
+    by subtracting 1000 from the temperature-scaled target logit before the
+    softmax.  The binary student log-probabilities are computed with
+    ``logsumexp`` instead of ``log`` of summed probabilities, which is the same
+    quantity but cannot produce ``log(0)``.  The linear warm-up of the DKD weight
+    (20 epochs on CIFAR-100) is not part of this function.
+
+    Args:
+        student_logits: ``(B, C)`` student logits, ``C >= 2``.
+        teacher_logits: ``(B, C)`` teacher logits.
+        target: ``(B,)`` integer class labels.
+        alpha: weight of TCKD.
+        beta: weight of NCKD.
+        temperature: positive number, 0-d tensor or per-sample ``(B, 1)`` tensor
+            (see :func:`kd_loss`).
+
+    Returns:
+        0-d float32 tensor.
+
+    Example:
+        >>> s = torch.zeros(1, 3)
+        >>> t = torch.log(torch.tensor([[1.0, 2.0, 3.0]]))
+        >>> y = torch.tensor([0])
+        >>> # TCKD = ln(1/2)/6 + 5/6 ln(5/4); NCKD = 2/5 ln(4/5) + 3/5 ln(6/5)
+        >>> round(dkd_loss(s, t, y, alpha=1.0, beta=1.0, temperature=1.0).item(), 4)
+        0.0906
+    """
+    _check_pair(student_logits, teacher_logits)
+    batch_size, num_classes = student_logits.shape
+    if num_classes < 2:
+        raise ValueError("dkd_loss needs at least 2 classes")
+    target = target.reshape(-1).to(device=student_logits.device, dtype=torch.long)
+    if target.numel() != batch_size:
+        raise ValueError(f"target must hold {batch_size} labels, got {target.numel()}")
+    with _autocast_off(student_logits.device):
+        temp = _temperature(temperature, batch_size, student_logits.device)
+        s = student_logits.float() / temp
+        t = teacher_logits.float() / temp
+        gt_mask = F.one_hot(target, num_classes).bool()
+        idx = target.unsqueeze(1)
+
+        # --- target-class KD: binary distributions [p_gt, p_not_gt] ---------
+        def binary_log_probs(z: Tensor) -> Tensor:
+            lse_all = torch.logsumexp(z, dim=1, keepdim=True)
+            lse_other = torch.logsumexp(z.masked_fill(gt_mask, float("-inf")), dim=1, keepdim=True)
+            return torch.cat([z.gather(1, idx) - lse_all, lse_other - lse_all], dim=1)
+
+        log_b_s = binary_log_probs(s)
+        b_t = binary_log_probs(t).exp()
+        tckd = (_per_sample_kl(log_b_s, b_t) * temp**2).sum() / batch_size
+
+        # --- non-target-class KD: softmax with the target logit removed ------
+        offset = _DKD_MASK_OFFSET * gt_mask.to(s.dtype)
+        log_q_s = F.log_softmax(s - offset, dim=1)
+        q_t = F.softmax(t - offset, dim=1)
+        nckd = (_per_sample_kl(log_q_s, q_t) * temp**2).sum() / batch_size
+
+        return alpha * tckd + beta * nckd
+
+
+# --------------------------------------------------------------------------- #
+# DIST
+# --------------------------------------------------------------------------- #
+def _pearson_rows(a: Tensor, b: Tensor, eps: float = _DIST_EPS) -> Tensor:
+    """Row-wise Pearson correlation, ``cov / (||a - a_mean|| ||b - b_mean|| + eps)``."""
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+
+def dist_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    temperature: TemperatureLike = 1.0,
+) -> Tensor:
+    r"""DIST: relation (Pearson-correlation) based distillation.
+
+    Paper: T. Huang, S. You, F. Wang, C. Qian, C. Xu, "Knowledge Distillation
+    from A Stronger Teacher", NeurIPS 2022.
+
+    Formula: ``L = T^2 * (beta * (1 - mean_i rho(Y_s[i,:], Y_t[i,:]))
+    + gamma * (1 - mean_j rho(Y_s[:,j], Y_t[:,j])))`` with ``Y = softmax(Z / T)``.
+
+    Reduction (as in the official code): ``rho`` is the Pearson correlation
+    computed as the cosine similarity of mean-centred vectors with ``1e-8``
+    added to the product of the norms; the inter-class term averages it over
+    the ``B`` samples, the intra-class term over the ``C`` classes (columns of
+    the ``B x C`` matrix); both are multiplied by ``T^2``.  The intra-class term
+    depends on the whole batch, so the loss is not a mean of per-sample terms.
+
+    Args:
+        student_logits: ``(B, C)`` student logits.
+        teacher_logits: ``(B, C)`` teacher logits.
+        beta: weight of the inter-class relation term.
+        gamma: weight of the intra-class relation term.
+        temperature: positive number or 0-d tensor (one global temperature).
+
+    Returns:
+        0-d float32 tensor.
+
+    Example:
+        >>> z = torch.tensor([[1.0, 2.0, 3.0], [3.0, 1.0, 2.0]])
+        >>> round(dist_loss(z, z).item(), 4)
+        0.0
+        >>> p = torch.tensor([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0]]) / 6
+        >>> round(dist_loss(p.log(), p.flip(1).log()).item(), 4)  # inter 2 + intra 5/3
+        3.6667
+    """
+    _check_pair(student_logits, teacher_logits)
+    with _autocast_off(student_logits.device):
+        s = student_logits.float()
+        t = teacher_logits.float()
+        temp = _temperature(temperature, s.shape[0], s.device, per_sample=False)
+        y_s = F.softmax(s / temp, dim=1)
+        y_t = F.softmax(t / temp, dim=1)
+        inter = 1.0 - _pearson_rows(y_s, y_t).mean()
+        intra = 1.0 - _pearson_rows(y_s.transpose(0, 1), y_t.transpose(0, 1)).mean()
+        return temp**2 * (beta * inter + gamma * intra)
+
+
+# --------------------------------------------------------------------------- #
+# Logit standardization
+# --------------------------------------------------------------------------- #
+def standardize_logits(logits: Tensor) -> Tensor:
+    r"""Z-score standardization of logits over the class dimension.
+
+    Paper: S. Sun, W. Ren, J. Li, R. Wang, X. Cao, "Logit Standardization in
+    Knowledge Distillation", CVPR 2024.
+
+    Formula: ``Z(z) = (z - mean(z)) / (std(z) + 1e-7)`` per sample, where
+    ``std`` is the unbiased (``C - 1``) standard deviation over classes, as in
+    the official code.
+
+    Reduction: none -- the output has the shape of the input; statistics are
+    taken over the last dimension.  In the paper the standardized logits are
+    then divided by a base temperature (2 on CIFAR-100) and fed to the usual
+    KD/DKD loss, e.g. ``kd_loss(standardize_logits(s), standardize_logits(t),
+    temperature=2.0)``.
+
+    Args:
+        logits: ``(..., C)`` logits, ``C >= 2``.
+
+    Returns:
+        float32 tensor of the same shape.
+
+    Example:
+        >>> standardize_logits(torch.tensor([[1.0, 2.0, 3.0]]))
+        tensor([[-1.0000,  0.0000,  1.0000]])
+    """
+    with _autocast_off(logits.device):
+        z = logits.float()
+        mean = z.mean(dim=-1, keepdim=True)
+        std = z.std(dim=-1, keepdim=True)
+        return (z - mean) / (std + _STANDARDIZE_EPS)
+
+
+# --------------------------------------------------------------------------- #
+# NormKD
+# --------------------------------------------------------------------------- #
+def normkd_loss(
+    student_logits: Tensor, teacher_logits: Tensor, temperature_scale: float = 2.0
+) -> Tensor:
+    r"""NormKD: KD with a per-sample temperature from the logits' spread.
+
+    Paper: Z. Chi, T. Zheng, H. Li, Z. Yang, B. Wu, B. Lin, D. Cai, "NormKD:
+    Normalized Logits for Knowledge Distillation", arXiv:2308.00520, 2023.
+
+    Formula: ``L = mean_i Tt_i^2 * KL(softmax(t_i / Tt_i) || softmax(s_i / Ts_i))``
+    with ``Tt_i = k * std(t_i)`` and ``Ts_i = k * std(s_i)``.
+
+    Reduction (as in the official code, ``mdistiller/distillers/NormKD.py``):
+    each network's logits are divided by *their own* per-sample temperature --
+    the teacher by ``k`` times the teacher's standard deviation, the student by
+    ``k`` times the student's standard deviation (gradients flow through the
+    student's standard deviation); the standard deviation is the unbiased one
+    (``C - 1``) over classes; the logits are not mean-centred (softmax is shift
+    invariant); the per-sample KL (summed over classes) is multiplied by the
+    *teacher's* squared temperature ``Tt_i^2`` and averaged over the batch.
+    ``k`` (``temperature_scale``, ``T_norm`` in the paper) defaults to 2.0, the
+    official CIFAR-100 value (ImageNet configs use 1.0).  No epsilon is added:
+    a row with constant logits has zero standard deviation and gives NaN,
+    exactly as in the official implementation.
+
+    Args:
+        student_logits: ``(B, C)`` student logits, ``C >= 2``.
+        teacher_logits: ``(B, C)`` teacher logits.
+        temperature_scale: the scale ``k`` applied to the standard deviation.
+
+    Returns:
+        0-d float32 tensor.
+
+    Example:
+        >>> t = torch.tensor([[1.0, 2.0, 3.0]])
+        >>> round(normkd_loss(2.0 * t, t).item(), 4)  # same after normalisation
+        0.0
+        >>> round(normkd_loss(t.flip(1), t).item(), 4)  # 4 * (p_t[2] - p_t[0])
+        1.2806
+    """
+    _check_pair(student_logits, teacher_logits)
+    with _autocast_off(student_logits.device):
+        s = student_logits.float()
+        t = teacher_logits.float()
+        temp_t = temperature_scale * t.std(dim=1, keepdim=True)
+        temp_s = temperature_scale * s.std(dim=1, keepdim=True)
+        log_p_s = F.log_softmax(s / temp_s, dim=1)
+        p_t = F.softmax(t / temp_t, dim=1)
+        return (_per_sample_kl(log_p_s, p_t) * temp_t**2).mean()
+
+
+# --------------------------------------------------------------------------- #
+# CTKD
+# --------------------------------------------------------------------------- #
+class _GradientReversalFn(torch.autograd.Function):
+    """Identity in the forward pass, ``-lambda * grad`` in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, lambda_: float) -> Tensor:  # type: ignore[override]
+        ctx.lambda_ = lambda_
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        return grad_output * (-ctx.lambda_), None
+
+
+def gradient_reversal(x: Tensor, lambda_: float = 1.0) -> Tensor:
+    r"""Gradient reversal: identity forward, gradient multiplied by ``-lambda_``.
+
+    Paper: used by CTKD -- Z. Li, X. Li, L. Yang, B. Zhao, R. Song, L. Luo,
+    J. Li, J. Yang, "Curriculum Temperature for Knowledge Distillation",
+    AAAI 2023 -- following Y. Ganin, V. Lempitsky, "Unsupervised Domain
+    Adaptation by Backpropagation", ICML 2015.
+
+    Formula: ``y = x``; ``dL/dx = -lambda_ * dL/dy``.
+
+    Reduction: none (element-wise).  Convention: ``lambda_`` is the
+    non-negative magnitude (the paper's ``lambda``); the sign flip is done
+    here.  (The official CTKD code instead feeds a schedule running from 0 to
+    -1 into a layer that multiplies the gradient by it; the result is the
+    same.)
+
+    Args:
+        x: any tensor.
+        lambda_: python float, the scale of the reversed gradient.
+
+    Returns:
+        a copy of ``x`` whose backward pass reverses and scales the gradient.
+
+    Example:
+        >>> x = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> gradient_reversal(x, 0.5).sum().backward()
+        >>> x.grad
+        tensor([-0.5000, -0.5000])
+    """
+    return _GradientReversalFn.apply(x, float(lambda_))
+
+
+def ctkd_temperature(
+    raw_temperature: Tensor,
+    lambda_: float,
+    min_temperature: float = 1.0,
+    max_temperature: float = 21.0,
+) -> Tensor:
+    r"""Map CTKD's unconstrained learnable temperature into ``[min, max]``.
+
+    Paper: Z. Li, X. Li, L. Yang, B. Zhao, R. Song, L. Luo, J. Li, J. Yang,
+    "Curriculum Temperature for Knowledge Distillation", AAAI 2023.
+
+    Formula: ``T = T_min + (T_max - T_min) * sigmoid(GRL_lambda(theta))``.
+
+    Reduction: none (element-wise).  Conventions of the official global
+    temperature module (``models/temp_global.py`` and ``helper/loops.py``): the
+    parameter ``theta`` is a single scalar initialised to 1.0 (so the initial
+    temperature is ``1 + 20 * sigmoid(1) ~= 15.62``); the range is
+    ``t_start = 1`` plus ``t_end = 20`` times the sigmoid, i.e. ``[1, 21]``; the
+    gradient reversal makes ``theta`` *ascend* the distillation loss (the
+    temperature plays adversarially against the student, which descends it),
+    with the strength ``lambda_`` given by :func:`cosine_lambda`.  Use the
+    returned 0-d tensor as the ``temperature`` of :func:`kd_loss`.
+
+    Args:
+        raw_temperature: the learnable parameter ``theta`` (any shape, usually
+            0-d or one element).
+        lambda_: python float, gradient-reversal strength for this epoch.
+        min_temperature: lower end of the range.
+        max_temperature: upper end of the range.
+
+    Returns:
+        float32 tensor of the shape of ``raw_temperature`` with values in
+        ``[min_temperature, max_temperature]``.
+
+    Example:
+        >>> theta = torch.tensor(0.0, requires_grad=True)
+        >>> T = ctkd_temperature(theta, lambda_=1.0)
+        >>> T.item()
+        11.0
+        >>> T.backward()  # d T / d theta = 20 * 0.25, reversed
+        >>> theta.grad.item()
+        -5.0
+    """
+    if not max_temperature > min_temperature:
+        raise ValueError(
+            f"max_temperature ({max_temperature}) must exceed min_temperature ({min_temperature})"
+        )
+    with _autocast_off(raw_temperature.device):
+        theta = gradient_reversal(raw_temperature.float(), lambda_)
+        return min_temperature + (max_temperature - min_temperature) * torch.sigmoid(theta)
+
+
+def cosine_lambda(
+    epoch: float, max_lambda: float = 1.0, min_lambda: float = 0.0, warmup_epochs: float = 10
+) -> float:
+    r"""CTKD's cosine curriculum for the gradient-reversal strength ``lambda``.
+
+    Paper: Z. Li, X. Li, L. Yang, B. Zhao, R. Song, L. Luo, J. Li, J. Yang,
+    "Curriculum Temperature for Knowledge Distillation", AAAI 2023.
+
+    Formula: ``lambda_n = l_min + 0.5 * (l_max - l_min) * (1 + cos((1 + min(n, E) / E) * pi))``,
+    i.e. ``l_min + 0.5 * (l_max - l_min) * (1 - cos(pi * min(n, E) / E))``.
+
+    Reduction: none (scalar schedule).  ``lambda`` rises from ``min_lambda`` at
+    epoch 0 to ``max_lambda`` at ``warmup_epochs`` and stays there; negative
+    epochs are clamped to 0.  Official CIFAR-100 defaults: ``l_min = 0``,
+    ``l_max = 1``, ``E = 10`` (``--decay_max 0 --decay_min -1 --decay_loops 10``
+    in the official scripts, whose sign is folded into
+    :func:`gradient_reversal` here); the official loop evaluates the schedule
+    with 1-based epoch numbers.
+
+    Args:
+        epoch: current epoch (may be fractional).
+        max_lambda: final strength.
+        min_lambda: initial strength.
+        warmup_epochs: number of epochs ``E`` of the cosine ramp; ``<= 0`` means
+            ``max_lambda`` throughout.
+
+    Returns:
+        python float.
+
+    Example:
+        >>> [round(cosine_lambda(e), 4) for e in (0, 5, 10, 100)]
+        [0.0, 0.5, 1.0, 1.0]
+    """
+    if warmup_epochs <= 0:
+        return float(max_lambda)
+    n = min(max(float(epoch), 0.0), float(warmup_epochs))
+    return float(
+        min_lambda + 0.5 * (max_lambda - min_lambda) * (1.0 - math.cos(math.pi * n / warmup_epochs))
+    )

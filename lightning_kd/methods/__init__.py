@@ -1,0 +1,35 @@
+"""Distillation methods: ``LightningModule`` subclasses of :class:`DistillationModule`.
+
+``list_methods()`` names them and ``get_method(name)`` resolves a name to its class.
+"""
+
+from __future__ import annotations
+
+from lightning_kd.methods.base import Batch, DistillationModule, LogitDistillationModule, ModelOutput
+from lightning_kd.methods.ctkd import CTKD
+from lightning_kd.methods.dist import DIST
+from lightning_kd.methods.dkd import DKD
+from lightning_kd.methods.kd import KD
+from lightning_kd.methods.normkd import NormKD
+from lightning_kd.methods.supervised import Supervised
+from lightning_kd.models.registry import suggest
+
+METHODS: dict[str, type[DistillationModule]] = {cls.__name__: cls for cls in (Supervised, KD, DKD, DIST, CTKD, NormKD)}
+
+
+def list_methods() -> list[str]:
+    """Names of the available methods."""
+    return list(METHODS)
+
+
+def get_method(name: str) -> type[DistillationModule]:
+    """The method class called ``name`` (case-sensitive, as listed by :func:`list_methods`)."""
+    if name not in METHODS:
+        lowered = {key.lower(): key for key in METHODS}
+        hint = f" Did you mean {lowered[name.lower()]!r}?" if name.lower() in lowered else suggest(name, list(METHODS))
+        raise ValueError(f"unknown method {name!r}.{hint} Available: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+__all__ = ["Batch", "DistillationModule", "LogitDistillationModule", "ModelOutput", "get_method", "list_methods",
+           *METHODS]

@@ -1,0 +1,330 @@
+"""The teacher–student base every distillation method derives from."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_kd.losses import standardize_logits
+from lightning_kd.metrics import Agreement, TeacherStudentKL
+from lightning_kd.models import create_model
+
+STRIPPED_PREFIXES = ("module.", "_orig_mod.", "model.", "student.")
+
+
+@dataclass
+class Batch:
+    """One batch: ``input``, integer class ``target`` and, when the data provides it, the samples' ``index``."""
+
+    input: Tensor
+    target: Tensor
+    index: Tensor | None = None
+
+
+@dataclass
+class ModelOutput:
+    """What a forward pass of student or teacher gives the method: ``logits`` and named ``features``."""
+
+    logits: Tensor
+    features: dict[str, Tensor] = field(default_factory=dict)
+
+
+def sgd(params) -> torch.optim.Optimizer:
+    """The default optimizer: SGD with lr 0.05, momentum 0.9 and weight decay 5e-4 (the CIFAR KD recipe)."""
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+
+def extract_state_dict(checkpoint: dict[str, Any]) -> dict[str, Tensor]:
+    """The model weights inside a checkpoint: a plain state dict, a dict holding it under ``"state_dict"``
+    (Lightning) or ``"model"`` (the CIFAR KD repos' ``ckpt_epoch_240.pth``), with ``module.``,
+    ``_orig_mod.``, ``model.`` and ``student.`` prefixes stripped. From a checkpoint of a distillation
+    module this gives its student (the ``teacher.*`` entries are dropped)."""
+    for key in ("state_dict", "model"):
+        if isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    state = {k: v for k, v in checkpoint.items() if isinstance(v, Tensor) and not k.startswith("teacher.")}
+    changed = True
+    while changed and state:
+        changed = False
+        for prefix in STRIPPED_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                changed = True
+    return state
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, role: str = "teacher") -> None:
+    """Load the weights file at ``path`` into ``model`` strictly, with an error that shows what does not fit."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{role}_weights file {str(path)!r} does not exist: pass the path of a Lightning "
+                                "checkpoint, a state dict, or a dict holding the weights under 'model'/'state_dict'")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a Lightning checkpoint may pickle hyper-parameters that weights_only refuses
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    state = extract_state_dict(checkpoint)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        parts = [f"{label} ({len(keys)}): {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
+                 for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                     ("shape mismatches", mismatched)) if keys]
+        raise ValueError(f"{role}_weights {str(path)!r} does not fit the {role} "
+                         f"({type(model).__name__}): {'; '.join(parts)}. Check that the {role} architecture "
+                         "and num_classes are the ones the weights were trained with.")
+    model.load_state_dict(state, strict=True)
+
+
+class DistillationModule(L.LightningModule):
+    """A student trained with cross-entropy plus the named losses its method returns, from a frozen teacher.
+
+    Args:
+        student: the model to train: an ``nn.Module`` or a name for :func:`lightning_kd.models.create_model`.
+        teacher: the frozen model to learn from, likewise. It stays in eval mode, gets no gradients, is never
+            optimized and is left out of checkpoints unless ``save_teacher``.
+        num_classes: number of classes; models built by name get this many outputs (linked from the data
+            module by the CLI).
+        in_chans: input channels of models built by name (linked from the data module by the CLI).
+        teacher_weights: a Lightning checkpoint, a plain state dict, or a dict holding the weights under
+            ``"model"``/``"state_dict"``, loaded strictly into the teacher.
+        ce_weight: weight of the cross-entropy with the labels.
+        optimizer: builds the optimizer from the trainable parameters (student and the method's own modules).
+        lr_scheduler: builds an epoch-wise scheduler from the optimizer; none by default.
+        save_teacher: also write the teacher's weights into checkpoints.
+        check_finite: stop with an error naming the step and the losses when the loss is not finite (costs
+            one host synchronisation per step on accelerators).
+
+    A method overrides :meth:`distillation_losses` and returns its weighted losses by name; the base adds
+    ``ce``, sums them, and logs ``train/loss`` and ``train/loss_<name>`` for each.
+    """
+
+    requires_teacher = True
+
+    def __init__(
+        self,
+        student: nn.Module | str,
+        teacher: nn.Module | str | None = None,
+        *,
+        num_classes: int,
+        in_chans: int = 3,
+        teacher_weights: str | None = None,
+        ce_weight: float = 1.0,
+        optimizer: OptimizerCallable = sgd,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        save_teacher: bool = False,
+        check_finite: bool = True,
+    ):
+        super().__init__()
+        modules = [name for name, value in (("student", student), ("teacher", teacher)) if isinstance(value, nn.Module)]
+        self.save_hyperparameters(ignore=modules)
+        if teacher is None and self.requires_teacher:
+            raise ValueError(f"{type(self).__name__} needs a teacher: pass teacher=<nn.Module or model name> "
+                             "(and teacher_weights=<path> for a model built by name)")
+        if teacher is None and teacher_weights is not None:
+            raise ValueError("teacher_weights was given without a teacher: pass teacher=<model name> as well")
+        self.num_classes = num_classes
+        self.student = self._build(student, num_classes, in_chans)
+        self.teacher = None if teacher is None else self._build(teacher, num_classes, in_chans)
+        if self.teacher is not None:
+            if teacher_weights is not None:
+                load_weights(self.teacher, teacher_weights)
+            self.teacher.requires_grad_(False)
+            self.teacher.eval()
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.val_metrics = self._make_metrics()
+        self.test_metrics = self._make_metrics()
+        self._outputs_checked = False
+
+    @staticmethod
+    def _build(model: nn.Module | str, num_classes: int, in_chans: int) -> nn.Module:
+        if isinstance(model, str):
+            return create_model(model, num_classes=num_classes, in_chans=in_chans)
+        if isinstance(model, nn.Module):
+            return model
+        raise TypeError(f"expected an nn.Module or a model name, got {type(model).__name__}")
+
+    def _make_metrics(self) -> nn.ModuleDict:
+        metrics = {"acc": MulticlassAccuracy(self.num_classes, average="micro")}
+        if self.num_classes >= 5:
+            metrics["acc_top5"] = MulticlassAccuracy(self.num_classes, top_k=5, average="micro")
+        if self.teacher is not None:
+            metrics["teacher_acc"] = MulticlassAccuracy(self.num_classes, average="micro")
+            metrics["agreement"] = Agreement()
+            metrics["kl"] = TeacherStudentKL()
+        return nn.ModuleDict(metrics)
+
+    # ----------------------------------------------------------------------------------------------- teacher
+    def train(self, mode: bool = True) -> DistillationModule:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The student's logits."""
+        return self.student(x)
+
+    def forward_student(self, batch: Batch) -> ModelOutput:
+        return ModelOutput(self.student(batch.input))
+
+    @torch.no_grad()
+    def forward_teacher(self, batch: Batch) -> ModelOutput:
+        if self.teacher.training:  # Trainer.fit restores the modes sub-modules had when it started
+            self.teacher.eval()
+        return ModelOutput(self.teacher(batch.input))
+
+    # ------------------------------------------------------------------------------------------------ method
+    def distillation_losses(self, batch: Batch, student_out: ModelOutput,
+                            teacher_out: ModelOutput | None) -> dict[str, Tensor]:
+        """The method's weighted losses by name (without cross-entropy, which the base adds)."""
+        return {}
+
+    def cross_entropy(self, student_logits: Tensor, target: Tensor) -> Tensor:
+        """The supervised loss with the labels, in float32."""
+        return F.cross_entropy(student_logits.float(), target)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Student plus the method's own trainable parts: what the optimizer sees (never the teacher)."""
+        return [p for name, p in self.named_parameters() if not name.startswith("teacher.") and p.requires_grad]
+
+    # -------------------------------------------------------------------------------------------------- steps
+    @staticmethod
+    def unpack_batch(batch: Any) -> Batch:
+        if isinstance(batch, Batch):
+            return batch
+        if isinstance(batch, dict):
+            return Batch(batch["input"], batch["target"], batch.get("index"))
+        return Batch(*batch[:3])
+
+    def _check_targets(self, target: Tensor, batch_idx: int) -> None:
+        if target.device.type != "cpu" and batch_idx > 0:
+            return
+        low, high = int(target.min()), int(target.max())
+        if low < 0 or high >= self.num_classes:
+            raise ValueError(f"labels must lie in [0, {self.num_classes - 1}] for num_classes={self.num_classes}, "
+                             f"but batch {batch_idx} holds labels from {low} to {high}: check the data module's "
+                             "targets or set num_classes to the data's number of classes")
+
+    def _check_outputs(self, student_logits: Tensor, teacher_logits: Tensor | None) -> None:
+        if self._outputs_checked:
+            return
+        for role, logits in (("student", student_logits), ("teacher", teacher_logits)):
+            if logits is not None and logits.shape[-1] != self.num_classes:
+                raise ValueError(f"the {role} has {logits.shape[-1]} classes but num_classes is {self.num_classes}: "
+                                 f"give the {role} {self.num_classes} outputs or set num_classes to match")
+        self._outputs_checked = True
+
+    def setup(self, stage: str) -> None:
+        data_classes = getattr(getattr(self.trainer, "datamodule", None), "num_classes", None)
+        if data_classes is not None and data_classes != self.num_classes:
+            raise ValueError(f"the data module has {data_classes} classes but the model was built with "
+                             f"num_classes={self.num_classes}: use num_classes={data_classes} (the CLI links it)")
+
+    def _forward_pair(self, batch: Batch, batch_idx: int) -> tuple[ModelOutput, ModelOutput | None]:
+        self._check_targets(batch.target, batch_idx)
+        student_out = self.forward_student(batch)
+        teacher_out = None if self.teacher is None else self.forward_teacher(batch)
+        self._check_outputs(student_out.logits, None if teacher_out is None else teacher_out.logits)
+        return student_out, teacher_out
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        batch = self.unpack_batch(batch)
+        student_out, teacher_out = self._forward_pair(batch, batch_idx)
+        ce = self.cross_entropy(student_out.logits, batch.target)
+        losses = {"ce": self.hparams.ce_weight * ce, **self.distillation_losses(batch, student_out, teacher_out)}
+        loss = torch.stack([value.float() for value in losses.values()]).sum()
+        if self.hparams.check_finite and not torch.isfinite(loss):
+            bad = [name for name, value in losses.items() if not torch.isfinite(value)]
+            raise FloatingPointError(
+                f"the loss went non-finite at epoch {self.current_epoch}, global step {self.global_step} "
+                f"(batch {batch_idx}); non-finite losses: {', '.join(bad)}. Lower the learning rate or the loss "
+                "weights, check the inputs for NaN/Inf, or train in full precision")
+        self.log("train/loss", loss, prog_bar=True)
+        for name, value in losses.items():
+            self.log(f"train/loss_{name}", value)
+        return loss
+
+    def _evaluation_step(self, batch: Any, batch_idx: int, stage: str) -> None:
+        batch = self.unpack_batch(batch)
+        student_out, teacher_out = self._forward_pair(batch, batch_idx)
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        student_logits, target = student_out.logits, batch.target
+        metrics["acc"].update(student_logits, target)
+        if "acc_top5" in metrics:
+            metrics["acc_top5"].update(student_logits, target)
+        if teacher_out is not None:
+            metrics["teacher_acc"].update(teacher_out.logits, target)
+            metrics["agreement"].update(student_logits, teacher_out.logits)
+            metrics["kl"].update(student_logits, teacher_out.logits)
+        for name, metric in metrics.items():
+            self.log(f"{stage}/{name}", metric, prog_bar=name == "acc")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluation_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluation_step(batch, batch_idx, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self(self.unpack_batch(batch).input)
+
+    # ------------------------------------------------------------------------------------------- optimizers
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.trainable_parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        config = {"scheduler": scheduler, "interval": "epoch"}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = "val/acc"
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not self.hparams.save_teacher:
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith("teacher.")]:
+                del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        if self.teacher is not None and not any(k.startswith("teacher.") for k in state):
+            state.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+
+    def export_student(self, path: str | os.PathLike) -> None:
+        """Save the student's ``state_dict`` alone, for deployment or as a later run's ``teacher_weights``."""
+        torch.save(self.student.state_dict(), path)
+
+
+class LogitDistillationModule(DistillationModule):
+    """Base of the methods that distil from logits alone.
+
+    Args:
+        standardize: z-score student and teacher logits over classes before the distillation loss (logit
+            standardization, Sun et al., "Logit Standardization in Knowledge Distillation", CVPR 2024). The
+            paper pairs it with a lower base temperature and a larger KD weight (e.g. KD: T=2, weight 9 on
+            CIFAR-100); set those in the config.
+    """
+
+    def __init__(self, *args, standardize: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+
+    def distillation_logits(self, student_out: ModelOutput, teacher_out: ModelOutput) -> tuple[Tensor, Tensor]:
+        """Student and teacher logits as the loss should see them (standardized when ``standardize``)."""
+        student_logits, teacher_logits = student_out.logits, teacher_out.logits
+        if self.hparams.standardize:
+            return standardize_logits(student_logits), standardize_logits(teacher_logits)
+        return student_logits, teacher_logits
