@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,9 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_kd.losses import standardize_logits
 from lightning_kd.metrics import Agreement, TeacherStudentKL
 from lightning_kd.models import create_model
+
+# The frozen teacher is in eval mode on purpose; Lightning warns about every eval-mode module at fit start.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 STRIPPED_PREFIXES = ("module.", "_orig_mod.", "model.", "student.")
 
@@ -128,7 +132,8 @@ class DistillationModule(L.LightningModule):
     ):
         super().__init__()
         modules = [name for name, value in (("student", student), ("teacher", teacher)) if isinstance(value, nn.Module)]
-        self.save_hyperparameters(ignore=modules)
+        # optimizer factories stay out of the checkpoint so that it loads with torch.load(weights_only=True)
+        self.save_hyperparameters(ignore=[*modules, "optimizer", "lr_scheduler"])
         if teacher is None and self.requires_teacher:
             raise ValueError(f"{type(self).__name__} needs a teacher: pass teacher=<nn.Module or model name> "
                              "(and teacher_weights=<path> for a model built by name)")

@@ -1,0 +1,312 @@
+"""The teacher–student base: freezing, checkpoints, weights loading, logging, errors, resume, precision."""
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import make_trainer
+from lightning_kd.cli import export_student
+from lightning_kd.data import DigitsDataModule
+from lightning_kd.methods import KD, DistillationModule, Supervised, get_method
+from lightning_kd.methods.base import extract_state_dict, load_weights
+from lightning_kd.models import create_model
+
+
+class ModeRecorder(Callback):
+    """Records, at every training step, whether the teacher ran in train mode (seen from inside its forward)."""
+
+    def __init__(self):
+        self.teacher_modes: list[bool] = []
+
+    def on_fit_start(self, trainer, pl_module):
+        pl_module.teacher.register_forward_pre_hook(lambda module, args: self.teacher_modes.append(module.training))
+
+
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def test_teacher_is_frozen_and_in_eval_mode_through_fit(digits, teacher_in_train_mode):
+    model = KD(student=create_model("cnn_tiny", num_classes=10, in_chans=1), teacher=teacher_in_train_mode,
+               num_classes=10)
+    before = snapshot(model.teacher)
+    recorder = ModeRecorder()
+    make_trainer(max_epochs=2, limit_train_batches=5, limit_val_batches=2, callbacks=[recorder]).fit(model, digits)
+    assert len(recorder.teacher_modes) >= 10
+    assert not any(recorder.teacher_modes), "the teacher ran in train mode (its BatchNorm statistics would drift)"
+    after = model.teacher.state_dict()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), f"teacher {key} changed during fit"
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+
+
+def test_module_train_keeps_teacher_in_eval(teacher_in_train_mode):
+    model = KD(student="cnn_tiny", teacher=teacher_in_train_mode, num_classes=10, in_chans=1)
+    model.train()
+    assert model.student.training and not model.teacher.training
+    assert not any(m.training for m in model.teacher.modules())
+
+
+def test_teacher_is_never_in_the_optimizer(teacher_in_train_mode):
+    model = KD(student="cnn_tiny", teacher=teacher_in_train_mode, num_classes=10, in_chans=1)
+    optimizer = model.configure_optimizers()
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert not optimized & {id(p) for p in model.teacher.parameters()}
+    assert optimized == {id(p) for p in model.student.parameters()}
+    assert optimizer.defaults["lr"] == 0.05 and optimizer.defaults["momentum"] == 0.9
+    assert optimizer.defaults["weight_decay"] == 5e-4
+
+
+def test_teacher_runs_without_autograd(digits, teacher_in_train_mode):
+    model = KD(student="cnn_tiny", teacher=teacher_in_train_mode, num_classes=10, in_chans=1)
+    digits.setup()
+    batch = model.unpack_batch(next(iter(digits.train_dataloader())))
+    assert not model.forward_teacher(batch).logits.requires_grad
+    assert model.forward_student(batch).logits.requires_grad
+
+
+def test_logs_every_named_loss_and_metric(digits, teacher_in_train_mode):
+    model = KD(student="cnn_tiny", teacher=teacher_in_train_mode, num_classes=10, in_chans=1)
+    trainer = make_trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=2)
+    trainer.fit(model, digits)
+    logged = trainer.callback_metrics
+    for key in ("train/loss", "train/loss_ce", "train/loss_kd", "val/acc", "val/acc_top5", "val/agreement", "val/kl",
+                "val/teacher_acc"):
+        assert key in logged, f"{key} was not logged"
+    assert torch.isclose(logged["train/loss"], logged["train/loss_ce"] + logged["train/loss_kd"], rtol=1e-5)
+    results = trainer.test(model, digits, verbose=False)[0]
+    assert {"test/acc", "test/acc_top5", "test/agreement", "test/kl", "test/teacher_acc"} <= set(results)
+
+
+def test_metrics_against_a_manual_computation(digits, teacher_in_train_mode):
+    model = KD(student="cnn_tiny", teacher=teacher_in_train_mode, num_classes=10, in_chans=1)
+    results = make_trainer().test(model, digits, verbose=False)[0]
+    digits.setup()
+    images, targets = digits.datasets["test"].tensors
+    with torch.no_grad():
+        student, teacher = model.student.eval()(images), model.teacher(images)
+    assert results["test/acc"] == pytest.approx((student.argmax(1) == targets).float().mean().item(), abs=1e-6)
+    assert results["test/teacher_acc"] == pytest.approx((teacher.argmax(1) == targets).float().mean().item(), abs=1e-6)
+    assert results["test/agreement"] == pytest.approx((student.argmax(1) == teacher.argmax(1)).float().mean().item(),
+                                                      abs=1e-6)
+    p_t = teacher.softmax(1)
+    kl = (p_t * (p_t.log() - student.log_softmax(1))).sum(1).mean().item()
+    assert results["test/kl"] == pytest.approx(kl, rel=1e-4)
+    top5 = (student.topk(5, dim=1).indices == targets[:, None]).any(1).float().mean().item()
+    assert results["test/acc_top5"] == pytest.approx(top5, abs=1e-6)
+
+
+def test_no_top5_below_five_classes():
+    model = Supervised(student="mlp", num_classes=3, in_chans=1)
+    assert "acc_top5" not in model.val_metrics and "acc" in model.val_metrics
+
+
+def test_checkpoint_leaves_teacher_out_and_restores_the_student(tmp_path, digits, teacher_in_train_mode):
+    model = KD(student="cnn_tiny", teacher=teacher_in_train_mode, num_classes=10, in_chans=1)
+    trainer = make_trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1)
+    trainer.fit(model, digits)
+    path = tmp_path / "kd.ckpt"
+    trainer.save_checkpoint(path)
+    saved = torch.load(path, weights_only=False)["state_dict"]
+    assert saved and not any(k.startswith("teacher.") for k in saved)
+    restored = KD.load_from_checkpoint(path, student=create_model("cnn_tiny", num_classes=10, in_chans=1),
+                                       teacher=copy.deepcopy(teacher_in_train_mode))
+    for key, value in model.student.state_dict().items():
+        assert torch.equal(value, restored.student.state_dict()[key])
+    assert not restored.teacher.training
+
+
+def test_save_teacher_option_writes_the_teacher(tmp_path, digits, teacher_in_train_mode):
+    model = KD(student="cnn_tiny", teacher=teacher_in_train_mode, num_classes=10, in_chans=1, save_teacher=True)
+    trainer = make_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+    trainer.fit(model, digits)
+    trainer.save_checkpoint(tmp_path / "kd.ckpt")
+    saved = torch.load(tmp_path / "kd.ckpt", weights_only=False)["state_dict"]
+    assert any(k.startswith("teacher.") for k in saved)
+
+
+def test_names_and_teacher_weights_rebuild_everything_from_a_checkpoint(tmp_path, digits, teacher_in_train_mode):
+    torch.save(teacher_in_train_mode.state_dict(), tmp_path / "teacher.pt")
+    model = KD(student="cnn_tiny", teacher="cnn_small", teacher_weights=str(tmp_path / "teacher.pt"), num_classes=10,
+               in_chans=1)
+    trainer = make_trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1)
+    trainer.fit(model, digits)
+    trainer.save_checkpoint(tmp_path / "kd.ckpt")
+    restored = KD.load_from_checkpoint(tmp_path / "kd.ckpt")
+    for module in ("student", "teacher"):
+        expected = getattr(model, module).state_dict()
+        for key, value in getattr(restored, module).state_dict().items():
+            assert torch.equal(value, expected[key]), f"{module}.{key} differs after load_from_checkpoint"
+
+
+@pytest.mark.parametrize("layout", ["plain", "model", "state_dict_prefixed", "lightning"])
+def test_teacher_weights_layouts(tmp_path, digits, layout):
+    torch.manual_seed(1)
+    source = create_model("cnn_small", num_classes=10, in_chans=1)
+    state = source.state_dict()
+    path = tmp_path / "weights.pt"
+    if layout == "plain":
+        torch.save(state, path)
+    elif layout == "model":
+        torch.save({"model": state, "epoch": 240}, path)
+    elif layout == "state_dict_prefixed":
+        torch.save({"state_dict": {f"module._orig_mod.{k}": v for k, v in state.items()}}, path)
+    else:
+        trained = Supervised(student=source, num_classes=10)
+        trainer = make_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0)
+        trainer.fit(trained, digits)
+        trainer.save_checkpoint(path)
+        state = source.state_dict()
+    teacher = create_model("cnn_small", num_classes=10, in_chans=1)
+    load_weights(teacher, path)
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(value, state[key])
+
+
+def test_extract_state_dict_drops_teacher_and_strips_prefixes():
+    weights = torch.zeros(2)
+    state = extract_state_dict({"state_dict": {"student.fc.weight": weights, "teacher.fc.weight": weights}})
+    assert list(state) == ["fc.weight"]
+
+
+def test_missing_teacher_weights_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="teacher_weights file .*does not exist"):
+        KD(student="cnn_tiny", teacher="cnn_small", teacher_weights=str(tmp_path / "nope.pt"), num_classes=10)
+
+
+def test_teacher_weights_of_another_architecture_name_the_keys(tmp_path):
+    torch.save(create_model("cnn_tiny", num_classes=10).state_dict(), tmp_path / "tiny.pt")
+    with pytest.raises(ValueError, match=r"does not fit the teacher.*shape mismatches.*stages\.0\.0\.0\.weight"):
+        KD(student="cnn_tiny", teacher="cnn_small", teacher_weights=str(tmp_path / "tiny.pt"), num_classes=10)
+    torch.save(create_model("mlp", num_classes=10).state_dict(), tmp_path / "mlp.pt")
+    with pytest.raises(ValueError, match=r"missing keys \(\d+\): stages\.0\.0\.0\.weight.*unexpected keys"):
+        KD(student="cnn_tiny", teacher="cnn_small", teacher_weights=str(tmp_path / "mlp.pt"), num_classes=10)
+
+
+def test_a_teacher_is_required_by_distillation_methods():
+    with pytest.raises(ValueError, match="KD needs a teacher"):
+        KD(student="cnn_tiny", num_classes=10)
+
+
+def test_teacher_with_other_class_count_is_a_clear_error(digits):
+    model = KD(student="cnn_tiny", teacher=create_model("cnn_tiny", num_classes=7, in_chans=1), num_classes=10,
+               in_chans=1)
+    with pytest.raises(ValueError, match="the teacher has 7 classes but num_classes is 10"):
+        make_trainer(max_steps=1).fit(model, digits)
+
+
+def test_data_module_with_other_class_count_is_a_clear_error(digits):
+    model = KD(student="cnn_tiny", teacher="cnn_tiny", num_classes=12, in_chans=1)
+    with pytest.raises(ValueError, match="the data module has 10 classes but the model was built with num_classes=12"):
+        make_trainer(max_steps=1).fit(model, digits)
+
+
+def loader(images: torch.Tensor, targets: torch.Tensor) -> DataLoader:
+    return DataLoader(TensorDataset(images, targets), batch_size=8)
+
+
+def test_labels_out_of_range_are_a_clear_error():
+    model = KD(student="mlp", teacher="mlp", num_classes=10, in_chans=1)
+    targets = torch.arange(16) % 10
+    targets[3] = 12
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 9\].*from 0 to 12"):
+        make_trainer(max_steps=2).fit(model, loader(torch.randn(16, 1, 8, 8), targets))
+
+
+def test_non_finite_loss_stops_naming_step_and_losses(tmp_path):
+    model = KD(student="mlp", teacher="mlp", num_classes=10, in_chans=1)
+    images = torch.randn(32, 1, 8, 8)
+    images[20] = float("nan")
+    trainer = make_trainer(max_epochs=1)
+    with pytest.raises(FloatingPointError, match=r"global step 2 \(batch 2\); non-finite losses: ce, kd"):
+        trainer.fit(model, loader(images, torch.arange(32) % 10))
+
+
+def test_unknown_method_and_model_names_suggest_the_closest():
+    with pytest.raises(ValueError, match="Did you mean 'KD'"):
+        get_method("kd")
+    with pytest.raises(ValueError, match="Did you mean 'DKD'"):
+        get_method("DKDD")
+    with pytest.raises(ValueError, match="unknown model 'cnn_smal'.*'cnn_small'"):
+        KD(student="cnn_smal", teacher="cnn_tiny", num_classes=10)
+
+
+class UserDataModule(L.LightningDataModule):
+    """A user's own data module with nothing lightning-kd specific."""
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.x = torch.randn(96, 20, generator=generator)
+        self.y = (self.x[:, 0] > 0).long() + 2 * (self.x[:, 1] > 0).long()
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=16, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=32)
+
+
+def test_users_own_modules_and_data_work_in_a_plain_trainer():
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 4))
+    teacher = nn.Sequential(nn.Linear(20, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 4))
+    model = KD(student=student, teacher=teacher, num_classes=4)
+    initial = snapshot(student)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False)
+    trainer.fit(model, UserDataModule())
+    assert any(not torch.equal(v, student.state_dict()[k]) for k, v in initial.items())
+    assert "val/agreement" in trainer.callback_metrics
+
+
+def test_resume_from_a_mid_run_checkpoint_gives_the_same_student(tmp_path):
+    def run(max_epochs, ckpt_path=None, callbacks=()):
+        L.seed_everything(0)
+        model = KD(student="cnn_tiny", teacher="cnn_small", num_classes=10, in_chans=1)
+        trainer = make_trainer(max_epochs=max_epochs, limit_train_batches=6, limit_val_batches=1,
+                               enable_checkpointing=bool(callbacks), callbacks=list(callbacks), deterministic=True)
+        trainer.fit(model, DigitsDataModule(batch_size=32), ckpt_path=ckpt_path)
+        return model
+
+    uninterrupted = run(3)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_top_k=-1, filename="{epoch}")
+    run(1, callbacks=[checkpoints])
+    resumed = run(3, ckpt_path=str(tmp_path / "epoch=0.ckpt"))
+    for key, value in uninterrupted.student.state_dict().items():
+        assert torch.equal(value, resumed.student.state_dict()[key]), f"student {key} differs after resuming"
+
+
+def test_bf16_mixed_precision_trains_on_cpu(digits):
+    model = KD(student="cnn_tiny", teacher="cnn_small", num_classes=10, in_chans=1)
+    before = snapshot(model.student)
+    trainer = make_trainer(max_steps=3, limit_val_batches=1, precision="bf16-mixed")
+    trainer.fit(model, digits)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert trainer.callback_metrics["train/loss"].dtype == torch.float32
+    assert any(not torch.equal(v, model.student.state_dict()[k]) for k, v in before.items())
+
+
+def test_export_student_one_liner_and_from_checkpoint(tmp_path, digits):
+    model = KD(student="cnn_tiny", teacher="cnn_small", num_classes=10, in_chans=1)
+    trainer = make_trainer(max_steps=2, limit_val_batches=1)
+    trainer.fit(model, digits)
+    model.export_student(tmp_path / "student.pt")
+    trainer.save_checkpoint(tmp_path / "kd.ckpt")
+    export_student(str(tmp_path / "kd.ckpt"), str(tmp_path / "from_ckpt.pt"))
+    for path in ("student.pt", "from_ckpt.pt"):
+        deployed = create_model("cnn_tiny", num_classes=10, in_chans=1)
+        deployed.load_state_dict(torch.load(tmp_path / path, weights_only=True))
+        x = torch.randn(4, 1, 8, 8)
+        assert torch.equal(deployed.eval()(x), model.student.eval()(x))
+
+
+def test_every_method_is_a_distillation_module():
+    from lightning_kd.methods import list_methods
+
+    assert all(issubclass(get_method(name), DistillationModule) for name in list_methods())
