@@ -71,7 +71,7 @@ def main(args: list[str] | None = None) -> None:
     elif argv[:1] == ["export"]:
         _export_main(argv[1:])
     else:
-        DistillationCLI(args=argv)
+        DistillationCLI(args=args)
 
 
 __all__ = ["DistillationCLI", "export_student", "main"]

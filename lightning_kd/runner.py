@@ -25,8 +25,10 @@ import hashlib
 import json
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import yaml
 
@@ -58,8 +60,9 @@ def fit_and_test(args: list[str], root: Path, seed: int) -> tuple[dict[str, floa
     the fitted module."""
     from lightning_kd.cli import DistillationCLI
 
-    cli = DistillationCLI(args=[*args, "--seed_everything", str(seed), "--trainer.default_root_dir",
-                                str(root)], run=False)
+    with mock.patch.object(sys, "argv", sys.argv[:1]):  # the arguments are ``args``, not this process's
+        cli = DistillationCLI(args=[*args, "--seed_everything", str(seed), "--trainer.default_root_dir", str(root)],
+                              run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
     return {k: float(v) for k, v in metrics.items()}, cli.model

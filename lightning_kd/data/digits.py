@@ -70,8 +70,9 @@ class DigitsDataModule(L.LightningDataModule):
         test_idx, val_idx, train_idx = split_indices(len(targets), (hp.test_fraction, hp.val_fraction), hp.split_seed)
         mean, std = images[train_idx].mean(), images[train_idx].std()
         images = (images - mean) / std
-        parts = {"train": train_idx, "test": test_idx, "val": val_idx if len(val_idx) else test_idx}
-        self.datasets = {name: TensorDataset(images[idx], targets[idx]) for name, idx in parts.items()}
+        self.datasets = {name: TensorDataset(images[idx], targets[idx])
+                         for name, idx in (("train", train_idx), ("val", val_idx), ("test", test_idx)) if len(idx)}
+        self.datasets.setdefault("val", self.datasets["test"])
 
     def _loader(self, split: str, sampler: Sampler | None = None) -> DataLoader:
         return DataLoader(self.datasets[split], batch_size=self.hparams.batch_size, sampler=sampler,

@@ -330,7 +330,7 @@ def standardize_logits(logits: Tensor) -> Tensor:
     with _autocast_off(logits.device):
         z = logits.float()
         mean = z.mean(dim=-1, keepdim=True)
-        std = z.std(dim=-1, keepdim=True, unbiased=False)
+        std = z.std(dim=-1, keepdim=True)
         return (z - mean) / (std + _STANDARDIZE_EPS)
 
 

@@ -11,7 +11,8 @@ class DIST(LogitDistillationModule):
 
     ``loss = ce_weight · CE + T² · (β · (1 − mean_i ρ(p_s[i], p_t[i])) + γ · (1 − mean_c ρ(p_s[:, c], p_t[:, c])))``
     with ρ the Pearson correlation and p = softmax(z / T): inter-class relation per sample, intra-class
-    relation per class over the batch. Defaults β=2, γ=2, T=4, CE 1 are the official CIFAR-100 setting.
+    relation per class over the batch. Defaults β=2, γ=2, T=4, CE 1 are the official CIFAR-100 setting
+    (its config weighs the β=γ=1 loss by 2).
     """
 
     def __init__(self, *args, beta: float = 2.0, gamma: float = 2.0, temperature: float = 4.0,

@@ -11,11 +11,12 @@ class NormKD(LogitDistillationModule):
 
     KD with a per-sample temperature ``T_i = temperature_scale · std(z_i)`` taken from each sample's logits, so
     every sample's output distribution is softened to a similar degree; see
-    :func:`lightning_kd.losses.normkd_loss` for the exact reduction. Defaults follow the paper's CIFAR-100
-    setting.
+    :func:`lightning_kd.losses.normkd_loss` for the exact reduction (each network divided by its own
+    ``T_i``, the per-sample KL × the teacher's ``T_i²``, batch mean). Defaults ``temperature_scale=2``, CE 0.1,
+    KD 0.9 are the official CIFAR-100 setting (ImageNet: scale 1, CE 0.5, KD 0.5).
     """
 
-    def __init__(self, *args, temperature_scale: float = 2.0, kd_weight: float = 1.0, ce_weight: float = 1.0,
+    def __init__(self, *args, temperature_scale: float = 2.0, kd_weight: float = 0.9, ce_weight: float = 0.1,
                  **kwargs):
         super().__init__(*args, ce_weight=ce_weight, **kwargs)
 
