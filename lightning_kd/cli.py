@@ -9,6 +9,8 @@ and ``lightning-kd export CHECKPOINT OUTPUT`` writes a checkpoint's student as a
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
 import lightning as L
@@ -36,10 +38,33 @@ class DistillationCLI(LightningCLI):
         kwargs.setdefault("parser_kwargs", {"epilog": EXTRA_COMMANDS})
         super().__init__(*args, **kwargs)
 
+    def parse_arguments(self, parser, args) -> None:
+        argv = list(sys.argv[1:] if args is None else args)
+        self.config = parser.parse_args(model_from_checkpoint(argv))
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data", "model.init_args.in_chans", compute_fn=lambda data: getattr(data, "in_chans", 3),
                               apply_on="instantiate")
+
+
+def model_from_checkpoint(argv: list[str]) -> list[str]:
+    """For ``validate``/``test``/``predict`` with ``--ckpt_path`` and no ``--model``: add the ``--model`` that the
+    checkpoint's saved hyper-parameters describe (method, model names, ``teacher_weights``, loss weights), so the
+    checkpoint alone rebuilds everything."""
+    if argv[:1] not in (["validate"], ["test"], ["predict"]) or any(a.startswith("--model") for a in argv):
+        return argv
+    ckpt_path = next((a.split("=", 1)[1] for a in argv if a.startswith("--ckpt_path=")), None)
+    if "--ckpt_path" in argv[:-1]:
+        ckpt_path = argv[argv.index("--ckpt_path") + 1]
+    if ckpt_path is None or not os.path.isfile(ckpt_path):
+        return argv
+    hparams = dict(torch.load(ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters", {}))
+    class_path = hparams.pop("_class_path", None)
+    if class_path is None:
+        return argv
+    init_args = {k: v for k, v in hparams.items() if not k.startswith("_") and k not in ("num_classes", "in_chans")}
+    return [argv[0], "--model", json.dumps({"class_path": class_path, "init_args": init_args}), *argv[1:]]
 
 
 def export_student(checkpoint_path: str, output_path: str) -> dict[str, torch.Tensor]:
@@ -62,7 +87,8 @@ def _export_main(argv: list[str]) -> None:
     print(f"wrote {len(state)} tensors of the student to {args.output}")
 
 
-def main(args: list[str] | None = None) -> None:
+def main(args: list[str] | None = None) -> DistillationCLI | None:
+    """Entry point of ``lightning-kd``; returns the CLI object for the LightningCLI subcommands."""
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] == ["run"]:
         from lightning_kd.runner import main as run_main
@@ -71,7 +97,8 @@ def main(args: list[str] | None = None) -> None:
     elif argv[:1] == ["export"]:
         _export_main(argv[1:])
     else:
-        DistillationCLI(args=args)
+        return DistillationCLI(args=argv)
+    return None
 
 
 __all__ = ["DistillationCLI", "export_student", "main"]

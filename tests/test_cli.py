@@ -19,6 +19,11 @@ QUICK = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--t
          "--trainer.enable_progress_bar", "false"]
 
 
+@pytest.fixture(autouse=True)
+def command_line(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["lightning-kd"])
+
+
 def test_fit_by_method_name_links_classes_and_channels(tmp_path):
     weights = tmp_path / "teacher.pt"
     from lightning_kd.models import create_model
@@ -45,13 +50,31 @@ def test_print_config_shows_method_defaults(capsys):
     assert config["data"]["class_path"] == "lightning_kd.data.DigitsDataModule"
 
 
-def test_test_subcommand_and_export(tmp_path):
-    main(["fit", *DIGITS, *QUICK, "--model", "KD", "--model.student", "cnn_tiny", "--model.teacher", "cnn_tiny",
-          "--trainer.enable_checkpointing", "true", "--trainer.default_root_dir", str(tmp_path)])
+def test_checkpoint_alone_rebuilds_the_model_for_test_and_export(tmp_path, digits):
+    from lightning_kd.models import create_model
+
+    torch.manual_seed(0)
+    teacher = create_model("cnn_small", num_classes=10, in_chans=1)
+    torch.save({"model": teacher.state_dict()}, tmp_path / "teacher.pth")
+    main(["fit", *DIGITS, *QUICK, "--model", "KD", "--model.student", "cnn_tiny", "--model.teacher", "cnn_small",
+          "--model.teacher_weights", str(tmp_path / "teacher.pth"), "--trainer.enable_checkpointing", "true",
+          "--trainer.default_root_dir", str(tmp_path)])
     checkpoint = next(tmp_path.rglob("*.ckpt"))
+    cli = main(["test", *DIGITS, "--ckpt_path", str(checkpoint), "--trainer.enable_progress_bar", "false",
+                "--trainer.default_root_dir", str(tmp_path)])
+    digits.setup()
+    images, targets = digits.datasets["test"].tensors
+    with torch.no_grad():
+        teacher_acc = (teacher.eval()(images).argmax(1) == targets).float().mean().item()
+    assert cli.trainer.callback_metrics["test/teacher_acc"].item() == pytest.approx(teacher_acc, abs=1e-6)
+
     main(["export", str(checkpoint), str(tmp_path / "student.pt")])
     state = torch.load(tmp_path / "student.pt", weights_only=True)
-    assert "fc.weight" in state and not any(k.startswith(("student.", "teacher.")) for k in state)
+    student = create_model("cnn_tiny", num_classes=10, in_chans=1)
+    student.load_state_dict(state)
+    with torch.no_grad():
+        student_acc = (student.eval()(images).argmax(1) == targets).float().mean().item()
+    assert cli.trainer.callback_metrics["test/acc"].item() == pytest.approx(student_acc, abs=1e-6)
     with pytest.raises(ValueError, match="holds no 'student"):
         torch.save({"state_dict": {"x": torch.zeros(1)}}, tmp_path / "other.ckpt")
         main(["export", str(tmp_path / "other.ckpt"), str(tmp_path / "x.pt")])
