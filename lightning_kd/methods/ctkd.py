@@ -16,6 +16,15 @@ class CTKD(LogitDistillationModule):
     ``lambda_epochs`` (epochs counted from 1, θ starts at 1, as in the official code). ``loss = ce_weight · CE + kd_weight · T² · KL(teacher ‖ student)`` (batch mean).
     Defaults (CE 0.1, KD 0.9, T ∈ [1, 21], λ 0 → 1 over 10 epochs) follow the paper's CIFAR-100 setting with
     vanilla KD. The current temperature is logged as ``train/temperature``.
+
+    Args:
+        kd_weight: weight of the distillation term.
+        ce_weight: weight of the cross-entropy with the labels.
+        min_temperature: lower end of the learnt temperature's range.
+        max_temperature: upper end of the learnt temperature's range.
+        min_lambda: gradient-reversal strength at the start of the curriculum.
+        max_lambda: gradient-reversal strength at its end.
+        lambda_epochs: length of the cosine curriculum in epochs.
     """
 
     def __init__(self, *args, kd_weight: float = 0.9, ce_weight: float = 0.1, min_temperature: float = 1.0,

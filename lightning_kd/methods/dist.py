@@ -13,6 +13,12 @@ class DIST(LogitDistillationModule):
     with ρ the Pearson correlation and p = softmax(z / T): inter-class relation per sample, intra-class
     relation per class over the batch. Defaults β=2, γ=2, T=4, CE 1 are the official CIFAR-100 setting
     (its config weighs the β=γ=1 loss by 2).
+
+    Args:
+        beta: weight of the inter-class (per-sample) relation term.
+        gamma: weight of the intra-class (per-class) relation term.
+        temperature: softening temperature τ.
+        ce_weight: weight of the cross-entropy with the labels.
     """
 
     def __init__(self, *args, beta: float = 2.0, gamma: float = 2.0, temperature: float = 4.0,
