@@ -11,7 +11,6 @@ import torch
 import yaml
 
 from lightning_kd.cli import main
-from lightning_kd.runner import results_table, run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ["--config", str(ROOT / "configs/data/digits.yaml"), "--config", str(ROOT / "configs/trainer/cpu_quick.yaml")]
@@ -86,54 +85,6 @@ def test_python_dash_m_and_help_list_the_commands():
     assert result.returncode == 0, result.stderr
     for word in ("fit", "validate", "test", "predict", "lightning-kd run", "lightning-kd export"):
         assert word in result.stdout
-
-
-def test_experiment_runner_trains_teacher_once_and_resumes(tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)
-    experiment = {
-        "output_dir": str(tmp_path / "out"),
-        "config": ["configs/data/digits.yaml", "configs/trainer/cpu_quick.yaml"],
-        "seeds": [0, 1],
-        "defaults": {"model.student": "cnn_tiny", "trainer.max_epochs": 1, "trainer.limit_train_batches": 2,
-                     "trainer.enable_progress_bar": False},
-        "teacher": {"model": "Supervised", "model.student": "cnn_small", "trainer.max_epochs": 1,
-                    "trainer.limit_train_batches": 2, "trainer.enable_progress_bar": False},
-        "runs": {"student alone": {"model": "Supervised"}, "KD": {"model": "KD", "model.temperature": 2.0}},
-    }
-    path = tmp_path / "experiment.yaml"
-    path.write_text(yaml.safe_dump(experiment, sort_keys=False))
-    records = run_experiment(path)
-    assert [(r["run"], r["seed"]) for r in records] == [("teacher", 0), ("student alone", 0), ("student alone", 1),
-                                                          ("KD", 0), ("KD", 1)]
-    assert all(0 <= r["test/acc"] <= 1 for r in records)
-    assert all("test/agreement" in r for r in records if r["run"] != "teacher")
-    teacher_files = list((tmp_path / "out").glob("teacher-*.pt"))
-    assert len(teacher_files) == 1
-    stamp = teacher_files[0].stat().st_mtime_ns
-
-    again = run_experiment(path)
-    assert len(again) == len(records) and teacher_files[0].stat().st_mtime_ns == stamp
-    lines = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
-    assert len(lines) == 5
-
-    experiment["runs"]["KD"]["model.temperature"] = 3.0
-    path.write_text(yaml.safe_dump(experiment, sort_keys=False))
-    assert len(run_experiment(path)) == 7, "changed arguments must rerun that run (both seeds) only"
-
-    table = results_table(again, ["teacher", "student alone", "KD"])
-    assert table.splitlines()[0] == "| run | model | top-1 (%) | agreement (%) | seeds |"
-    kd_row = next(line for line in table.splitlines() if line.startswith("| KD |"))
-    values = [100 * r["test/acc"] for r in again if r["run"] == "KD"]
-    mean = sum(values) / 2
-    assert f"{mean:.2f} ± " in kd_row and kd_row.endswith("| 2 |")
-
-
-def test_results_table_by_hand():
-    records = [{"run": "KD", "seed": 0, "model": "m", "test/acc": 0.5, "test/agreement": 0.75},
-               {"run": "KD", "seed": 1, "model": "m", "test/acc": 0.7, "test/agreement": 0.25}]
-    table = results_table(records, ["KD"])
-    # mean 60.00, sample std sqrt(((50-60)^2 + (70-60)^2) / 1) = 14.14; agreement 50.00 ± 35.36
-    assert table.splitlines()[2] == "| KD | m | 60.00 ± 14.14 | 50.00 ± 35.36 | 2 |"
 
 
 @pytest.mark.ddp

@@ -1,5 +1,18 @@
 """Lightning data modules. Each exposes ``num_classes`` and ``in_chans`` (linked to the model by the CLI)."""
 
+from lightning_kd.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from lightning_kd.data.digits import DigitsDataModule, EpochSeededSampler, split_indices
+from lightning_kd.data.imagefolder import ImageClassificationDataModule, ImageFolderDataModule
+from lightning_kd.data.mnist import FashionMNISTDataModule, MNISTDataModule
 
-__all__ = ["DigitsDataModule", "EpochSeededSampler", "split_indices"]
+__all__ = [
+    "CIFAR10DataModule",
+    "CIFAR100DataModule",
+    "DigitsDataModule",
+    "EpochSeededSampler",
+    "FashionMNISTDataModule",
+    "ImageClassificationDataModule",
+    "ImageFolderDataModule",
+    "MNISTDataModule",
+    "split_indices",
+]
