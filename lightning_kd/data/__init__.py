@@ -1,8 +1,9 @@
 """Lightning data modules. Each exposes ``num_classes`` and ``in_chans`` (linked to the model by the CLI)."""
 
+from lightning_kd.data.base import EpochSeededSampler, ImageClassificationDataModule, split_indices
 from lightning_kd.data.cifar import CIFAR10DataModule, CIFAR100DataModule
-from lightning_kd.data.digits import DigitsDataModule, EpochSeededSampler, split_indices
-from lightning_kd.data.imagefolder import ImageClassificationDataModule, ImageFolderDataModule
+from lightning_kd.data.digits import DigitsDataModule
+from lightning_kd.data.imagefolder import ImageFolderDataModule
 from lightning_kd.data.mnist import FashionMNISTDataModule, MNISTDataModule
 
 __all__ = [

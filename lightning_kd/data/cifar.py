@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 from torchvision.datasets.utils import extract_archive
 
-from lightning_kd.data.imagefolder import ImageClassificationDataModule
+from lightning_kd.data.base import ImageClassificationDataModule
 
 
 class CIFAR10DataModule(ImageClassificationDataModule):

@@ -6,35 +6,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-
-class EpochSeededSampler(Sampler[int]):
-    """A random permutation drawn from ``seed + epoch``: the same order for the same epoch, whether the run
-    was interrupted and resumed or not (Lightning calls ``set_epoch`` at the start of every epoch)."""
-
-    def __init__(self, num_samples: int, seed: int = 0):
-        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-
-def split_indices(num_samples: int, fractions: tuple[float, ...], seed: int) -> list[torch.Tensor]:
-    """Split ``range(num_samples)`` at random (fixed ``seed``) into parts of the given fractions; the last
-    part takes the rest."""
-    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))
-    sizes = [round(f * num_samples) for f in fractions]
-    parts, start = [], 0
-    for size in sizes:
-        parts.append(order[start:start + size])
-        start += size
-    return parts + [order[start:]]
+from lightning_kd.data.base import EpochSeededSampler, split_indices
 
 
 class DigitsDataModule(L.LightningDataModule):

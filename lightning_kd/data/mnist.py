@@ -12,7 +12,7 @@ from pathlib import Path
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
-from lightning_kd.data.imagefolder import ImageClassificationDataModule
+from lightning_kd.data.base import ImageClassificationDataModule
 
 
 class MNISTDataModule(ImageClassificationDataModule):

@@ -1,0 +1,144 @@
+"""What the data modules share: seeded splits, an epoch-seeded training order, per-part transforms, and the
+base of the image-classification data modules with an official train/test split."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class EpochSeededSampler(Sampler[int]):
+    """A random permutation drawn from ``seed + epoch``: the same order for the same epoch, whether the run
+    was interrupted and resumed or not (Lightning calls ``set_epoch`` at the start of every epoch)."""
+
+    def __init__(self, num_samples: int, seed: int = 0):
+        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def split_indices(num_samples: int, fractions: tuple[float, ...], seed: int) -> list[torch.Tensor]:
+    """Split ``range(num_samples)`` at random (fixed ``seed``) into parts of the given fractions; the last
+    part takes the rest."""
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))
+    sizes = [round(f * num_samples) for f in fractions]
+    parts, start = [], 0
+    for size in sizes:
+        parts.append(order[start:start + size])
+        start += size
+    return parts + [order[start:]]
+
+
+def default_num_workers() -> int:
+    """Loader processes when none are asked for: one per CPU core, at most 8."""
+    return min(8, os.cpu_count() or 1)
+
+
+class TransformedSubset(Dataset):
+    """Items ``indices`` of ``dataset`` (all when ``None``) with ``transform`` applied to the image, so the
+    training and validation parts of one loaded training set get different transforms without loading it twice."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int] | None, transform: Callable):
+        self.dataset, self.transform = dataset, transform
+        self.indices = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
+        image, target = self.dataset[self.indices[index]]
+        return self.transform(image), target
+
+
+class ImageClassificationDataModule(L.LightningDataModule):
+    """Base of the data modules with an official train/test split of images.
+
+    The test split is the official one. ``val_fraction`` of the training images (chosen with ``split_seed``)
+    is held out for validation and seen through the evaluation transform; with ``val_fraction=0`` the test split
+    doubles as the validation split. The training order is a permutation drawn from ``shuffle_seed + epoch``.
+
+    A subclass gives ``num_classes``, ``in_chans``, ``train_transform``, ``eval_transform`` and ``load_split``
+    (the raw images as PIL images with integer targets), and raises the missing-data error in ``prepare_data``.
+    ``num_workers=None`` is ``min(8, cpu count)``; ``pin_memory=None`` pins when CUDA is available.
+    """
+
+    num_classes: int
+    in_chans = 3
+
+    def __init__(self, data_dir: str = "data", batch_size: int = 64, num_workers: int | None = None,
+                 val_fraction: float = 0.0, split_seed: int = 0, shuffle_seed: int = 0,
+                 pin_memory: bool | None = None):
+        super().__init__()
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
+        self.save_hyperparameters()
+        self.datasets: dict[str, TransformedSubset] = {}
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.hparams.data_dir).expanduser()
+
+    @property
+    def num_workers(self) -> int:
+        workers = self.hparams.num_workers
+        return default_num_workers() if workers is None else workers
+
+    @property
+    def pin_memory(self) -> bool:
+        pin = self.hparams.pin_memory
+        return torch.cuda.is_available() if pin is None else pin
+
+    def train_transform(self) -> Callable:
+        raise NotImplementedError
+
+    def eval_transform(self) -> Callable:
+        raise NotImplementedError
+
+    def load_split(self, train: bool) -> Dataset:
+        """The official training (``train=True``) or test split, yielding ``(PIL image, int target)``."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        self.prepare_data()
+        train, test = self.load_split(train=True), self.load_split(train=False)
+        hp = self.hparams
+        val_idx, train_idx = split_indices(len(train), (hp.val_fraction,), hp.split_seed)
+        eval_transform = self.eval_transform()
+        self.datasets = {"train": TransformedSubset(train, train_idx.tolist(), self.train_transform()),
+                         "test": TransformedSubset(test, None, eval_transform)}
+        self.datasets["val"] = TransformedSubset(train, val_idx.tolist(), eval_transform) if len(val_idx) \
+            else self.datasets["test"]
+
+    def _loader(self, split: str, sampler: Sampler | None = None) -> DataLoader:
+        workers = self.num_workers
+        return DataLoader(self.datasets[split], batch_size=self.hparams.batch_size, sampler=sampler,
+                          num_workers=workers, pin_memory=self.pin_memory, persistent_workers=workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = EpochSeededSampler(len(self.datasets["train"]), self.hparams.shuffle_seed)
+        return self._loader("train", sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")
