@@ -1,9 +1,11 @@
 """Distillation losses as pure functions (torchmetrics-style functional API).
 
-Logit-based losses live in :mod:`lightning_kd.losses.logit`; further loss
-families are added as sibling modules and re-exported here.
+Logit-based losses live in :mod:`lightning_kd.losses.logit`, feature-map losses
+in :mod:`lightning_kd.losses.feature` and relation/embedding losses in
+:mod:`lightning_kd.losses.relation`; all are re-exported here.
 """
 
+from lightning_kd.losses.feature import at_loss, fitnet_loss, logsum_distance, nst_loss
 from lightning_kd.losses.logit import (
     cosine_lambda,
     ctkd_temperature,
@@ -14,6 +16,7 @@ from lightning_kd.losses.logit import (
     normkd_loss,
     standardize_logits,
 )
+from lightning_kd.losses.relation import cc_loss, pkt_loss, rkd_loss, sp_loss
 
 __all__ = [
     "cosine_lambda",
@@ -24,4 +27,12 @@ __all__ = [
     "kd_loss",
     "normkd_loss",
     "standardize_logits",
+    "at_loss",
+    "fitnet_loss",
+    "logsum_distance",
+    "nst_loss",
+    "cc_loss",
+    "pkt_loss",
+    "rkd_loss",
+    "sp_loss",
 ]
