@@ -4,7 +4,9 @@
 An experiment file::
 
     output_dir: runs/digits-quickstart      # records, teacher weights, table, plot and logs go here
-    config: [configs/data/digits.yaml]      # fragments every run starts from (as ``--config``)
+    common:                                 # arguments of the teacher and of every run
+      data: configs/data/digits.yaml
+      trainer: configs/trainer/cpu_quick.yaml
     seeds: [0, 1, 2]
     defaults: {model.student: cnn_tiny}     # arguments of every run (before the run's own)
     teacher: {model: Supervised, model.student: cnn_large}   # trained once (first seed) and cached
@@ -14,7 +16,8 @@ An experiment file::
       KD: {model: KD, model.temperature: 2}
 
 Each run is a mapping of CLI arguments (``{"model": "KD", "model.temperature": 4}`` is
-``--model KD --model.temperature 4``). Runs get the teacher as ``model.teacher`` and ``model.teacher_weights``
+``--model KD --model.temperature 4``; a YAML file for a group, ``{"data": "configs/data/digits.yaml"}``, is
+``--data configs/data/digits.yaml``; ``config: [file, ...]`` adds ``--config file`` first). Runs get the teacher as ``model.teacher`` and ``model.teacher_weights``
 unless they set ``model.teacher`` themselves. Every finished (run, seed) is appended to ``results.jsonl`` with
 its resolved config, and is not run again while its arguments and config files are unchanged, so an
 interrupted sweep resumes where it stopped (``--overwrite`` reruns everything).
@@ -104,6 +107,7 @@ def run_experiment(path: str | Path, overwrite: bool = False, console: Any = Non
     output_dir = Path(spec.get("output_dir", Path("runs") / Path(path).stem))
     output_dir.mkdir(parents=True, exist_ok=True)
     fragments = [arg for fragment in spec.get("config", []) for arg in ("--config", fragment)]
+    fragments += _arguments(spec.get("common", {}))
     seeds, defaults = spec.get("seeds", [0]), spec.get("defaults", {})
     results_file = output_dir / "results.jsonl"
     records = [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.exists() else []

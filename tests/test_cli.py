@@ -13,7 +13,7 @@ import yaml
 from lightning_kd.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-DIGITS = ["--config", str(ROOT / "configs/data/digits.yaml"), "--config", str(ROOT / "configs/trainer/cpu_quick.yaml")]
+DIGITS = ["--data", str(ROOT / "configs/data/digits.yaml"), "--trainer", str(ROOT / "configs/trainer/cpu_quick.yaml")]
 QUICK = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",
          "--trainer.enable_progress_bar", "false"]
 

@@ -20,10 +20,10 @@ def experiment(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["lightning-kd"])
     spec = {
         "output_dir": str(tmp_path / "out"),
-        "config": ["configs/data/digits.yaml", "configs/trainer/cpu_quick.yaml"],
+        "common": {"data": "configs/data/digits.yaml", "trainer": "configs/trainer/cpu_quick.yaml", **QUICK},
         "seeds": [0, 1],
-        "defaults": {"model.student": "cnn_tiny", **QUICK},
-        "teacher": {"model": "Supervised", "model.student": "cnn_small", **QUICK},
+        "defaults": {"model.student": "cnn_tiny"},
+        "teacher": {"model": "Supervised", "model.student": "cnn_small"},
         "runs": {"student alone": {"model": "Supervised"}, "KD": {"model": "KD", "model.temperature": 2.0}},
     }
     path = tmp_path / "experiment.yaml"

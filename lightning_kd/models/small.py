@@ -1,7 +1,8 @@
 """Small MLPs and CNNs for low-resolution data (digits 8×8, MNIST 28×28) and quick experiments.
 
-All take ``num_classes`` and ``in_chans`` and work at any input resolution (global average pooling).
-The classifier is ``fc``; the stages are ``stages.<i>`` for feature methods.
+All take ``num_classes`` and ``in_chans``; the CNNs work at any input resolution (global average pooling).
+Feature access as for every registered model (:class:`~lightning_kd.models.base.ZooModel`): the stages are
+``stages.<i>``, the embedding ``pool`` (``stages`` for the MLP), the classifier ``fc``.
 """
 
 from __future__ import annotations
@@ -9,10 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lightning_kd.models.base import ZooModel
 from lightning_kd.models.registry import register_model
 
 
-class MLP(nn.Module):
+class MLP(ZooModel):
     """Flatten → ``depth`` × (Linear → ReLU) → ``fc``. Input size is fixed by ``input_size``."""
 
     def __init__(self, num_classes: int = 10, in_chans: int = 1, input_size: int = 8, hidden: int = 128,
@@ -24,6 +26,8 @@ class MLP(nn.Module):
             width = hidden
         self.stages = nn.Sequential(nn.Flatten(), *layers)
         self.fc = nn.Linear(width, num_classes)
+        self.embedding_name = "stages"
+        self._stages = [f"stages.{i}" for i in range(2, 2 * depth + 1, 2)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.stages(x))
@@ -33,7 +37,7 @@ def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
-class SimpleCNN(nn.Module):
+class SimpleCNN(ZooModel):
     """Stages of (3×3 conv → BN → ReLU) × ``convs_per_stage``, 2× max-pool between stages, global average
     pooling, then ``fc``. ``widths`` gives each stage's channels."""
 
@@ -50,6 +54,8 @@ class SimpleCNN(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = nn.Linear(cin, num_classes)
+        self.embedding_name = "pool"
+        self._stages = [f"stages.{i}" for i in range(len(widths))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.pool(self.stages(x)))

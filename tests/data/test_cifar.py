@@ -174,7 +174,7 @@ def test_defaults_follow_the_cifar_recipe():
 
 @pytest.mark.parametrize("name, module", [("cifar10", CIFAR10DataModule), ("cifar100", CIFAR100DataModule)])
 def test_config_builds_the_module(name, module):
-    config = yaml.safe_load((ROOT / f"configs/data/{name}.yaml").read_text())["data"]
+    config = yaml.safe_load((ROOT / f"configs/data/{name}.yaml").read_text())
     assert config["class_path"] == f"lightning_kd.data.{module.__name__}"
     assert module(**config["init_args"]).hparams.batch_size == 64
 
@@ -185,7 +185,7 @@ def test_fit_through_the_cli(tmp_path, monkeypatch):
     write_cifar(tmp_path, CIFAR100DataModule)
     trust_files(monkeypatch, CIFAR100DataModule, tmp_path)
     monkeypatch.setattr("sys.argv", ["lightning-kd"])
-    cli = main(["fit", "--config", str(ROOT / "configs/data/cifar100.yaml"), "--data.data_dir", str(tmp_path),
+    cli = main(["fit", "--data", str(ROOT / "configs/data/cifar100.yaml"), "--data.data_dir", str(tmp_path),
                 "--data.num_workers", "0", "--model", "Supervised", "--model.student", "cnn_tiny",
                 "--trainer.accelerator", "cpu", "--trainer.fast_dev_run", "1", "--trainer.logger", "false",
                 "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",

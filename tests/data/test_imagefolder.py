@@ -86,9 +86,9 @@ def test_the_cli_links_the_folder_class_count_to_the_model(tmp_path, monkeypatch
     from lightning_kd.cli import DistillationCLI
 
     monkeypatch.setattr(sys, "argv", ["lightning-kd"])
-    config = yaml.safe_load((ROOT / "configs/data/imagenet.yaml").read_text())["data"]
+    config = yaml.safe_load((ROOT / "configs/data/imagenet.yaml").read_text())
     assert config["class_path"] == "lightning_kd.data.ImageFolderDataModule"
-    cli = DistillationCLI(args=["--config", str(ROOT / "configs/data/imagenet.yaml"),
+    cli = DistillationCLI(args=["--data", str(ROOT / "configs/data/imagenet.yaml"),
                                 "--data.data_dir", str(write_folders(tmp_path)), "--model", "Supervised",
                                 "--model.student", "cnn_tiny", "--trainer.accelerator", "cpu",
                                 "--trainer.logger", "false"], run=False)

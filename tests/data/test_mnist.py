@@ -127,7 +127,7 @@ def test_missing_data_is_one_clear_error(tmp_path, module):
 
 def test_configs_build_the_modules():
     for name, module in (("mnist", MNISTDataModule), ("fashion_mnist", FashionMNISTDataModule)):
-        config = yaml.safe_load((ROOT / f"configs/data/{name}.yaml").read_text())["data"]
+        config = yaml.safe_load((ROOT / f"configs/data/{name}.yaml").read_text())
         assert config["class_path"] == f"lightning_kd.data.{module.__name__}"
         assert module(**config["init_args"]).num_classes == 10
 

@@ -10,7 +10,9 @@ def test_every_registered_model_builds_and_classifies(name, in_chans, size):
     model = create_model(name, num_classes=7, in_chans=in_chans)
     logits = model(torch.randn(2, in_chans, size, size))
     assert logits.shape == (2, 7)
-    assert hasattr(model, "fc") and model.fc.out_features == 7
+    assert model.get_classifier().out_features == 7
+    names = dict(model.named_modules())
+    assert all(name in names for name in model.stage_names()) and model.embedding_name in names
 
 
 @pytest.mark.parametrize("name,expected", [("mlp", 64 * 128 + 128 + 128 * 128 + 128 + 128 * 10 + 10),
