@@ -101,24 +101,41 @@ def fit_and_test(args: list[str], root: Path, seed: int) -> tuple[dict[str, Any]
     return record, cli.model
 
 
+def _common_arguments(spec: dict[str, Any]) -> list[str]:
+    fragments = [arg for fragment in spec.get("config", []) for arg in ("--config", fragment)]
+    return fragments + _arguments(spec.get("common", {}))
+
+
+def run_arguments(spec: dict[str, Any], teacher_weights: str | Path) -> list[tuple[str, list[str]]]:
+    """The CLI arguments of every run of an experiment ``spec``, in order: ``("teacher", args)`` first unless the
+    teacher is given as a weights file, then each run (which gets the teacher as ``teacher_weights``)."""
+    common, teacher = _common_arguments(spec), spec["teacher"]
+    runs = [] if "weights" in teacher else [("teacher", common + _arguments(teacher))]
+    for name, run in spec["runs"].items():
+        run = {**spec.get("defaults", {}), **run}
+        args = common + _arguments(run)
+        if run.get("model.teacher") is None:
+            args += ["--model.teacher", teacher["model.student"], "--model.teacher_weights", str(teacher_weights)]
+        runs.append((name, args))
+    return runs
+
+
 def run_experiment(path: str | Path, overwrite: bool = False, console: Any = None) -> list[dict[str, Any]]:
     """Run every (run, seed) of the experiment file at ``path`` that is not recorded yet; return all records."""
     spec = yaml.safe_load(Path(path).read_text())
     output_dir = Path(spec.get("output_dir", Path("runs") / Path(path).stem))
     output_dir.mkdir(parents=True, exist_ok=True)
-    fragments = [arg for fragment in spec.get("config", []) for arg in ("--config", fragment)]
-    fragments += _arguments(spec.get("common", {}))
-    seeds, defaults = spec.get("seeds", [0]), spec.get("defaults", {})
+    seeds = spec.get("seeds", [0])
     results_file = output_dir / "results.jsonl"
     records = [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.exists() else []
     done = set() if overwrite else {(r["run"], r["seed"], r["fingerprint"]) for r in records}
 
-    teacher_spec = dict(spec["teacher"])
+    teacher_spec = spec["teacher"]
     teacher_model = teacher_spec["model.student"]
     if "weights" in teacher_spec:
         teacher_weights, teacher_key = Path(teacher_spec["weights"]), _fingerprint(teacher_spec)
     else:
-        teacher_args = fragments + _arguments(teacher_spec)
+        teacher_args = _common_arguments(spec) + _arguments(teacher_spec)
         teacher_key = _fingerprint(teacher_args, seeds[0])
         teacher_weights = output_dir / f"teacher-{teacher_key}.pt"
         if not teacher_weights.exists() or ("teacher", seeds[0], teacher_key) not in done:
@@ -128,15 +145,14 @@ def run_experiment(path: str | Path, overwrite: bool = False, console: Any = Non
             records.append(_record(results_file, "teacher", seeds[0], teacher_key, teacher_model, record))
 
     todo = []
-    for name, run in spec["runs"].items():
-        run = {**defaults, **run}
-        args = fragments + _arguments(run)
-        if run.get("model.teacher") is None:
-            args += ["--model.teacher", teacher_model, "--model.teacher_weights", str(teacher_weights)]
+    for name, args in run_arguments(spec, teacher_weights):
+        if name == "teacher":
+            continue
+        model = {**spec.get("defaults", {}), **spec["runs"][name]}.get("model.student", "?")
         for seed in seeds:
             key = _fingerprint(args, seed, teacher_key)
             if (name, seed, key) not in done:
-                todo.append((name, seed, key, args, run.get("model.student", "?")))
+                todo.append((name, seed, key, args, model))
     for i, (name, seed, key, args, model) in enumerate(todo, 1):
         _announce(console, name, seed, i, len(todo))
         record, _ = fit_and_test(args, output_dir / _slug(name) / f"seed{seed}", seed)

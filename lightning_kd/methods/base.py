@@ -17,12 +17,10 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_kd.losses import standardize_logits
 from lightning_kd.metrics import Agreement, TeacherStudentKL
 from lightning_kd.models import create_model
+from lightning_kd.models.weights import extract_state_dict, load_weights  # noqa: F401  (part of this module's API)
 
 # The frozen teacher is in eval mode on purpose; Lightning warns about every eval-mode module at fit start.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
-
-STRIPPED_PREFIXES = ("module.", "_orig_mod.", "model.", "student.")
-
 
 @dataclass
 class Batch:
@@ -44,51 +42,6 @@ class ModelOutput:
 def sgd(params) -> torch.optim.Optimizer:
     """The default optimizer: SGD with lr 0.05, momentum 0.9 and weight decay 5e-4 (the CIFAR KD recipe)."""
     return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
-
-
-def extract_state_dict(checkpoint: dict[str, Any]) -> dict[str, Tensor]:
-    """The model weights inside a checkpoint: a plain state dict, a dict holding it under ``"state_dict"``
-    (Lightning) or ``"model"`` (the CIFAR KD repos' ``ckpt_epoch_240.pth``), with ``module.``,
-    ``_orig_mod.``, ``model.`` and ``student.`` prefixes stripped. From a checkpoint of a distillation
-    module this gives its student (the ``teacher.*`` entries are dropped)."""
-    for key in ("state_dict", "model"):
-        if isinstance(checkpoint.get(key), dict):
-            checkpoint = checkpoint[key]
-            break
-    state = {k: v for k, v in checkpoint.items() if isinstance(v, Tensor) and not k.startswith("teacher.")}
-    changed = True
-    while changed and state:
-        changed = False
-        for prefix in STRIPPED_PREFIXES:
-            if all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
-                changed = True
-    return state
-
-
-def load_weights(model: nn.Module, path: str | os.PathLike, role: str = "teacher") -> None:
-    """Load the weights file at ``path`` into ``model`` strictly, with an error that shows what does not fit."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{role}_weights file {str(path)!r} does not exist: pass the path of a Lightning "
-                                "checkpoint, a state dict, or a dict holding the weights under 'model'/'state_dict'")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a Lightning checkpoint may pickle hyper-parameters that weights_only refuses
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    state = extract_state_dict(checkpoint)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-                  for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or mismatched:
-        parts = [f"{label} ({len(keys)}): {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
-                 for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                                     ("shape mismatches", mismatched)) if keys]
-        raise ValueError(f"{role}_weights {str(path)!r} does not fit the {role} "
-                         f"({type(model).__name__}): {'; '.join(parts)}. Check that the {role} architecture "
-                         "and num_classes are the ones the weights were trained with.")
-    model.load_state_dict(state, strict=True)
 
 
 class DistillationModule(L.LightningModule):
@@ -118,8 +71,8 @@ class DistillationModule(L.LightningModule):
 
     def __init__(
         self,
-        student: nn.Module | str,
-        teacher: nn.Module | str | None = None,
+        student: str | nn.Module,
+        teacher: str | nn.Module | None = None,
         *,
         num_classes: int,
         in_chans: int = 3,

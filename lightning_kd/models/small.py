@@ -80,6 +80,12 @@ def cnn_small(num_classes: int = 10, in_chans: int = 3, **kwargs) -> nn.Module:
 
 
 @register_model
+def cnn_medium(num_classes: int = 10, in_chans: int = 3, **kwargs) -> nn.Module:
+    """Three stages of 32, 64 and 128 channels (about 94k parameters)."""
+    return SimpleCNN(num_classes, in_chans, widths=(32, 64, 128), **kwargs)
+
+
+@register_model
 def cnn_large(num_classes: int = 10, in_chans: int = 3, **kwargs) -> nn.Module:
     """Three stages of 64, 128 and 256 channels, two convolutions each (about 1.1M parameters)."""
     return SimpleCNN(num_classes, in_chans, widths=(64, 128, 256), convs_per_stage=2, **kwargs)

@@ -23,7 +23,7 @@ def test_parameter_counts(name, expected):
 
 
 def test_list_models_filters_by_pattern():
-    assert list_models("cnn_*") == ["cnn_large", "cnn_small", "cnn_tiny"]
+    assert list_models("cnn_*") == ["cnn_large", "cnn_medium", "cnn_small", "cnn_tiny"]
     assert list_models("nothing*") == []
 
 
@@ -46,3 +46,34 @@ def test_register_model_refuses_duplicates():
         @register_model
         def mlp(num_classes=10, in_chans=3):  # noqa: F811
             return torch.nn.Linear(in_chans, num_classes)
+
+
+def test_pretrained_only_from_a_local_file(tmp_path):
+    source = create_model("timm:resnet18", num_classes=5)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "w.pth")
+    loaded = create_model("timm:resnet18", num_classes=5, pretrained=str(tmp_path / "w.pth"))
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(source.eval()(x), loaded.eval()(x))
+    with pytest.raises(ValueError, match="would download"):
+        create_model("timm:resnet18", pretrained=True)
+    with pytest.raises(FileNotFoundError, match="pretrained file .*does not exist"):
+        create_model("resnet8", pretrained=str(tmp_path / "missing.pth"))
+    with pytest.raises(ValueError, match="unknown timm model 'resnet19'"):
+        create_model("timm:resnet19")
+
+
+@pytest.mark.parametrize("student,teacher", [("timm:resnet10t", "torchvision:resnet18"),
+                                             ("torchvision:mobilenet_v3_small", "timm:resnet10t")])
+def test_timm_and_torchvision_models_as_teacher_and_student(student, teacher):
+    from lightning.pytorch import Trainer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_kd.methods import KD
+
+    model = KD(student=student, teacher=teacher, num_classes=4)
+    data = DataLoader(TensorDataset(torch.randn(8, 3, 32, 32), torch.arange(8) % 4), batch_size=4)
+    trainer = Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, data, data)
+    assert torch.isfinite(trainer.callback_metrics["train/loss_kd"])
+    assert not model.teacher.training and "val/agreement" in trainer.callback_metrics

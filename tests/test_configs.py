@@ -1,0 +1,64 @@
+"""Every shipped config resolves through the CLI: fit configs with --print_config, experiment files run by run."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_kd.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted((ROOT / "configs" / "experiments").rglob("*.yaml"))
+FIT_CONFIGS = [p for p in EXPERIMENTS if "runs" not in yaml.safe_load(p.read_text())]
+RUNNER_FILES = [p for p in EXPERIMENTS if p not in FIT_CONFIGS]
+
+
+def resolve(args, capsys) -> dict:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args, "--print_config"])
+    assert exit_info.value.code == 0, capsys.readouterr().err[-2000:]
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.fixture(autouse=True)
+def command_line(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["lightning-kd"])
+    monkeypatch.chdir(ROOT)
+
+
+def test_the_standard_pairs_and_methods_have_configs():
+    names = {p.relative_to(ROOT / "configs" / "experiments").as_posix() for p in FIT_CONFIGS}
+    for pair in ("resnet32x4_resnet8x4", "wrn_40_2_wrn_16_2", "resnet56_resnet20", "resnet110_resnet32", "vgg13_vgg8",
+                 "ResNet50_MobileNetV2", "resnet32x4_ShuffleV2"):
+        for method in ("kd", "dkd", "dist", "ctkd", "normkd"):
+            assert f"cifar100/{method}/{pair}.yaml" in names
+    assert "imagenet/kd/resnet34_resnet18.yaml" in names
+
+
+@pytest.mark.parametrize("path", FIT_CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs" / "experiments")))
+def test_fit_config_resolves(path, capsys):
+    config = resolve(["--config", str(path)], capsys)
+    init_args = config["model"]["init_args"]
+    assert config["data"]["class_path"].startswith("lightning_kd.data.")
+    assert config["trainer"]["max_epochs"] > 0
+    optimizer = init_args["optimizer"]
+    assert optimizer == "lightning_kd.methods.base.sgd" or optimizer["class_path"] == "torch.optim.SGD"
+    student = init_args["student"]
+    assert isinstance(student, str), "model names must stay names, not become classes of the same name"
+    assert isinstance(init_args["teacher"], str) or path.parts[-2] == "supervised"
+    if path.parts[-3] == "cifar100":
+        assert config["trainer"]["max_epochs"] == 240 and config["data"]["init_args"]["batch_size"] == 64
+        assert init_args["lr_scheduler"]["init_args"]["milestones"] == [150, 180, 210]
+        assert init_args["optimizer"]["init_args"]["lr"] == (0.01 if student in ("MobileNetV2", "ShuffleV2") else 0.05)
+
+
+@pytest.mark.parametrize("path", RUNNER_FILES, ids=lambda p: str(p.relative_to(ROOT / "configs" / "experiments")))
+def test_experiment_file_runs_resolve(path, capsys):
+    from lightning_kd.runner import run_arguments
+
+    runs = run_arguments(yaml.safe_load(path.read_text()), teacher_weights="teacher.pt")
+    assert runs[0][0] == "teacher" and len(runs) > 1
+    for name, args in runs:
+        config = resolve(args, capsys)
+        assert config["model"]["init_args"]["student"], name
