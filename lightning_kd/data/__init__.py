@@ -1,6 +1,6 @@
 """Lightning data modules. Each exposes ``num_classes`` and ``in_chans`` (linked to the model by the CLI)."""
 
-from lightning_kd.data.base import EpochSeededSampler, ImageClassificationDataModule, split_indices
+from lightning_kd.data.base import EpochSeededSampler, ImageClassificationDataModule, SplitDataModule, split_indices
 from lightning_kd.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from lightning_kd.data.digits import DigitsDataModule
 from lightning_kd.data.imagefolder import ImageFolderDataModule
@@ -15,5 +15,6 @@ __all__ = [
     "ImageClassificationDataModule",
     "ImageFolderDataModule",
     "MNISTDataModule",
+    "SplitDataModule",
     "split_indices",
 ]

@@ -64,16 +64,52 @@ class TransformedSubset(Dataset):
         return self.transform(image), target
 
 
-class ImageClassificationDataModule(L.LightningDataModule):
+class SplitDataModule(L.LightningDataModule):
+    """Loaders over ``self.datasets`` (``"train"``, ``"val"``, ``"test"``, filled by ``setup``), for a subclass
+    that saves ``batch_size``, ``shuffle_seed`` and optionally ``num_workers`` (``None``: ``min(8, cpu count)``)
+    and ``pin_memory`` (``None``: pin when CUDA is available) as hyper-parameters. The training order is a
+    permutation drawn from ``shuffle_seed + epoch``."""
+
+    datasets: dict[str, Dataset]
+
+    @property
+    def num_workers(self) -> int:
+        workers = self.hparams.get("num_workers")
+        return default_num_workers() if workers is None else workers
+
+    @property
+    def pin_memory(self) -> bool:
+        pin = self.hparams.get("pin_memory")
+        return torch.cuda.is_available() if pin is None else pin
+
+    def _loader(self, split: str, sampler: Sampler | None = None) -> DataLoader:
+        workers = self.num_workers
+        return DataLoader(self.datasets[split], batch_size=self.hparams.batch_size, sampler=sampler,
+                          num_workers=workers, pin_memory=self.pin_memory, persistent_workers=workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = EpochSeededSampler(len(self.datasets["train"]), self.hparams.shuffle_seed)
+        return self._loader("train", sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+
+class ImageClassificationDataModule(SplitDataModule):
     """Base of the data modules with an official train/test split of images.
 
     The test split is the official one. ``val_fraction`` of the training images (chosen with ``split_seed``)
     is held out for validation and seen through the evaluation transform; with ``val_fraction=0`` the test split
-    doubles as the validation split. The training order is a permutation drawn from ``shuffle_seed + epoch``.
+    doubles as the validation split.
 
     A subclass gives ``num_classes``, ``in_chans``, ``train_transform``, ``eval_transform`` and ``load_split``
     (the raw images as PIL images with integer targets), and raises the missing-data error in ``prepare_data``.
-    ``num_workers=None`` is ``min(8, cpu count)``; ``pin_memory=None`` pins when CUDA is available.
     """
 
     num_classes: int
@@ -86,21 +122,11 @@ class ImageClassificationDataModule(L.LightningDataModule):
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
         self.save_hyperparameters()
-        self.datasets: dict[str, TransformedSubset] = {}
+        self.datasets = {}
 
     @property
     def data_dir(self) -> Path:
         return Path(self.hparams.data_dir).expanduser()
-
-    @property
-    def num_workers(self) -> int:
-        workers = self.hparams.num_workers
-        return default_num_workers() if workers is None else workers
-
-    @property
-    def pin_memory(self) -> bool:
-        pin = self.hparams.pin_memory
-        return torch.cuda.is_available() if pin is None else pin
 
     def train_transform(self) -> Callable:
         raise NotImplementedError
@@ -124,21 +150,3 @@ class ImageClassificationDataModule(L.LightningDataModule):
                          "test": TransformedSubset(test, None, eval_transform)}
         self.datasets["val"] = TransformedSubset(train, val_idx.tolist(), eval_transform) if len(val_idx) \
             else self.datasets["test"]
-
-    def _loader(self, split: str, sampler: Sampler | None = None) -> DataLoader:
-        workers = self.num_workers
-        return DataLoader(self.datasets[split], batch_size=self.hparams.batch_size, sampler=sampler,
-                          num_workers=workers, pin_memory=self.pin_memory, persistent_workers=workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        sampler = EpochSeededSampler(len(self.datasets["train"]), self.hparams.shuffle_seed)
-        return self._loader("train", sampler)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")

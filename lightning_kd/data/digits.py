@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import TensorDataset
 
-from lightning_kd.data.base import EpochSeededSampler, split_indices
+from lightning_kd.data.base import SplitDataModule, split_indices
 
 
-class DigitsDataModule(L.LightningDataModule):
+class DigitsDataModule(SplitDataModule):
     """scikit-learn's ``load_digits``: 1×8×8 images scaled to [0, 1] and normalised with the training split's
     mean and std, 10 classes.
 
@@ -28,7 +27,7 @@ class DigitsDataModule(L.LightningDataModule):
             raise ValueError(f"test_fraction={test_fraction} and val_fraction={val_fraction} must leave some "
                              "training images: use 0 < test_fraction < 1 and 0 <= val_fraction < 1 - test_fraction")
         self.save_hyperparameters()
-        self.datasets: dict[str, TensorDataset] = {}
+        self.datasets = {}
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
@@ -45,20 +44,3 @@ class DigitsDataModule(L.LightningDataModule):
         self.datasets = {name: TensorDataset(images[idx], targets[idx])
                          for name, idx in (("train", train_idx), ("val", val_idx), ("test", test_idx)) if len(idx)}
         self.datasets.setdefault("val", self.datasets["test"])
-
-    def _loader(self, split: str, sampler: Sampler | None = None) -> DataLoader:
-        return DataLoader(self.datasets[split], batch_size=self.hparams.batch_size, sampler=sampler,
-                          num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        sampler = EpochSeededSampler(len(self.datasets["train"]), self.hparams.shuffle_seed)
-        return self._loader("train", sampler)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")
