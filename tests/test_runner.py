@@ -57,11 +57,11 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_runs(experiment
     real = runner.fit_and_test
     calls = []
 
-    def interrupted_after_three(args, root, seed):
+    def interrupted_after_three(args, root, seed, **kwargs):
         if len(calls) == 3:
             raise KeyboardInterrupt
         calls.append(root)
-        return real(args, root, seed)
+        return real(args, root, seed, **kwargs)
 
     monkeypatch.setattr(runner, "fit_and_test", interrupted_after_three)
     path = experiment()
@@ -71,7 +71,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_runs(experiment
     assert [json.loads(line)["run"] for line in lines] == ["teacher", "student alone", "student alone"]
 
     calls.clear()
-    monkeypatch.setattr(runner, "fit_and_test", lambda *a: calls.append(a[1]) or real(*a))
+    monkeypatch.setattr(runner, "fit_and_test", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
     records = run_experiment(path)
     assert [p.parent.name for p in calls] == ["kd", "kd"], "only the two unfinished runs may run again"
     assert len(records) == 5
