@@ -14,6 +14,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_kd.features import capture_features, check_layers
 from lightning_kd.losses import standardize_logits
 from lightning_kd.metrics import Agreement, TeacherStudentKL
 from lightning_kd.models import create_model
@@ -64,10 +65,14 @@ class DistillationModule(L.LightningModule):
             one host synchronisation per step on accelerators).
 
     A method overrides :meth:`distillation_losses` and returns its weighted losses by name; the base adds
-    ``ce``, sums them, and logs ``train/loss`` and ``train/loss_<name>`` for each.
+    ``ce``, sums them, and logs ``train/loss`` and ``train/loss_<name>`` for each. A method that needs
+    intermediate features calls :meth:`use_features` in its ``__init__``.
     """
 
     requires_teacher = True
+    #: layers hooked by :meth:`forward_student` / :meth:`forward_teacher` (set by :meth:`use_features`)
+    student_layers: tuple[str, ...] | list[str] = ()
+    teacher_layers: tuple[str, ...] | list[str] = ()
 
     def __init__(
         self,
@@ -135,14 +140,25 @@ class DistillationModule(L.LightningModule):
         """The student's logits."""
         return self.student(x)
 
+    def use_features(self, student_layers: str | list[str], teacher_layers: str | list[str] = ()) -> None:
+        """Capture these layers (names as in ``named_modules()``, see :mod:`lightning_kd.features`) in every
+        forward pass: ``ModelOutput.features`` then maps each name to its output, in this order. Checked now; a
+        wrong name raises ``ValueError`` listing the model's module names."""
+        self.student_layers = check_layers(self.student, student_layers, "student")
+        self.teacher_layers = [] if self.teacher is None else check_layers(self.teacher, teacher_layers, "teacher")
+
     def forward_student(self, batch: Batch) -> ModelOutput:
-        return ModelOutput(self.student(batch.input))
+        with capture_features(self.student, self.student_layers) as features:
+            logits = self.student(batch.input)
+        return ModelOutput(logits, features)
 
     @torch.no_grad()
     def forward_teacher(self, batch: Batch) -> ModelOutput:
         if self.teacher.training:  # Trainer.fit restores the modes sub-modules had when it started
             self.teacher.eval()
-        return ModelOutput(self.teacher(batch.input))
+        with capture_features(self.teacher, self.teacher_layers) as features:
+            logits = self.teacher(batch.input)
+        return ModelOutput(logits, features)
 
     # ------------------------------------------------------------------------------------------------ method
     def distillation_losses(self, batch: Batch, student_out: ModelOutput,
