@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
 from lightning_kd.features import capture_features, check_layers
 from lightning_kd.losses import standardize_logits
@@ -120,11 +120,13 @@ class DistillationModule(L.LightningModule):
         raise TypeError(f"expected an nn.Module or a model name, got {type(model).__name__}")
 
     def _make_metrics(self) -> nn.ModuleDict:
-        metrics = {"acc": MulticlassAccuracy(self.num_classes, average="micro")}
+        metrics = {"acc": MulticlassAccuracy(self.num_classes, average="micro"),
+                   "ece": MulticlassCalibrationError(self.num_classes, n_bins=15)}
         if self.num_classes >= 5:
             metrics["acc_top5"] = MulticlassAccuracy(self.num_classes, top_k=5, average="micro")
         if self.teacher is not None:
             metrics["teacher_acc"] = MulticlassAccuracy(self.num_classes, average="micro")
+            metrics["teacher_ece"] = MulticlassCalibrationError(self.num_classes, n_bins=15)
             metrics["agreement"] = Agreement()
             metrics["kl"] = TeacherStudentKL()
         return nn.ModuleDict(metrics)
@@ -237,10 +239,12 @@ class DistillationModule(L.LightningModule):
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         student_logits, target = student_out.logits, batch.target
         metrics["acc"].update(student_logits, target)
+        metrics["ece"].update(student_logits.float().softmax(-1), target)
         if "acc_top5" in metrics:
             metrics["acc_top5"].update(student_logits, target)
         if teacher_out is not None:
             metrics["teacher_acc"].update(teacher_out.logits, target)
+            metrics["teacher_ece"].update(teacher_out.logits.float().softmax(-1), target)
             metrics["agreement"].update(student_logits, teacher_out.logits)
             metrics["kl"].update(student_logits, teacher_out.logits)
         for name, metric in metrics.items():

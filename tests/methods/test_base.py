@@ -76,7 +76,7 @@ def test_logs_every_named_loss_and_metric(digits, teacher_in_train_mode):
     trainer.fit(model, digits)
     logged = trainer.callback_metrics
     for key in ("train/loss", "train/loss_ce", "train/loss_kd", "val/acc", "val/acc_top5", "val/agreement", "val/kl",
-                "val/teacher_acc"):
+                "val/teacher_acc", "val/ece", "val/teacher_ece"):
         assert key in logged, f"{key} was not logged"
     assert torch.isclose(logged["train/loss"], logged["train/loss_ce"] + logged["train/loss_kd"], rtol=1e-5)
     results = trainer.test(model, digits, verbose=False)[0]
@@ -99,6 +99,15 @@ def test_metrics_against_a_manual_computation(digits, teacher_in_train_mode):
     assert results["test/kl"] == pytest.approx(kl, rel=1e-4)
     top5 = (student.topk(5, dim=1).indices == targets[:, None]).any(1).float().mean().item()
     assert results["test/acc_top5"] == pytest.approx(top5, abs=1e-6)
+    # expected calibration error (Guo et al., ICML 2017), 15 equal-width confidence bins, by its definition
+    confidence, predicted = student.softmax(1).max(1)
+    correct = (predicted == targets).float()
+    ece = 0.0
+    for low in torch.arange(15) / 15:
+        in_bin = (confidence > low) & (confidence <= low + 1 / 15)
+        if in_bin.any():
+            ece += in_bin.float().mean() * (confidence[in_bin].mean() - correct[in_bin].mean()).abs()
+    assert results["test/ece"] == pytest.approx(float(ece), abs=1e-5)
 
 
 def test_no_top5_below_five_classes():
