@@ -5,6 +5,7 @@ in :mod:`lightning_kd.losses.feature` and relation/embedding losses in
 :mod:`lightning_kd.losses.relation`; all are re-exported here.
 """
 
+from lightning_kd.losses.contrastive import contrast_scores, crd_loss, nce_loss, nce_normalizer
 from lightning_kd.losses.feature import at_loss, fitnet_loss, logsum_distance, nst_loss
 from lightning_kd.losses.logit import (
     cosine_lambda,
@@ -16,9 +17,14 @@ from lightning_kd.losses.logit import (
     normkd_loss,
     standardize_logits,
 )
+from lightning_kd.losses.logit_extra import mlkd_loss, rld_loss, virtual_teacher_loss, virtual_teacher_probs
 from lightning_kd.losses.relation import cc_loss, pkt_loss, rkd_loss, sp_loss
 
 __all__ = [
+    "mlkd_loss",
+    "rld_loss",
+    "virtual_teacher_loss",
+    "virtual_teacher_probs",
     "cosine_lambda",
     "ctkd_temperature",
     "dist_loss",
@@ -35,4 +41,8 @@ __all__ = [
     "pkt_loss",
     "rkd_loss",
     "sp_loss",
+    "contrast_scores",
+    "crd_loss",
+    "nce_loss",
+    "nce_normalizer",
 ]

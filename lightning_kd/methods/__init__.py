@@ -8,23 +8,28 @@ from __future__ import annotations
 from lightning_kd.methods.at import AT
 from lightning_kd.methods.base import Batch, DistillationModule, LogitDistillationModule, ModelOutput
 from lightning_kd.methods.cc import CC
+from lightning_kd.methods.crd import CRD
 from lightning_kd.methods.ctkd import CTKD
 from lightning_kd.methods.dist import DIST
 from lightning_kd.methods.dkd import DKD
 from lightning_kd.methods.fitnet import FitNet
 from lightning_kd.methods.kd import KD
+from lightning_kd.methods.mlkd import MLKD
 from lightning_kd.methods.normkd import NormKD
 from lightning_kd.methods.nst import NST
 from lightning_kd.methods.pkt import PKT
 from lightning_kd.methods.projectorkd import ProjectorKD
 from lightning_kd.methods.rkd import RKD
+from lightning_kd.methods.rld import RLD
 from lightning_kd.methods.sp import SP
 from lightning_kd.methods.srd import SRD
 from lightning_kd.methods.supervised import Supervised
+from lightning_kd.methods.tfkd import TfKDSelf, TfKDVirtual
 from lightning_kd.models.registry import suggest
 
 METHODS: dict[str, type[DistillationModule]] = {cls.__name__: cls for cls in (
-    Supervised, KD, DKD, DIST, CTKD, NormKD, FitNet, AT, SP, PKT, RKD, NST, CC, ProjectorKD, SRD)}
+    Supervised, KD, DKD, DIST, CTKD, NormKD, RLD, MLKD, TfKDSelf, TfKDVirtual,
+    FitNet, AT, SP, PKT, RKD, NST, CC, ProjectorKD, SRD, CRD)}
 
 
 def list_methods() -> list[str]:

@@ -7,9 +7,11 @@ import torch
 
 from conftest import make_trainer
 from lightning_kd.losses import dist_loss, dkd_loss, kd_loss, normkd_loss, standardize_logits
-from lightning_kd.methods import CTKD, DIST, DKD, KD, Batch, ModelOutput, NormKD, Supervised, get_method, list_methods
+from lightning_kd.methods import (CTKD, DIST, DKD, KD, MLKD, RLD, Batch, ModelOutput, NormKD, Supervised, TfKDSelf,
+                                  get_method, list_methods)
 
-LOSS_NAMES = {"Supervised": set(), "KD": {"kd"}, "DKD": {"dkd"}, "DIST": {"dist"}, "CTKD": {"kd"}, "NormKD": {"kd"}}
+LOSS_NAMES = {"Supervised": set(), "KD": {"kd"}, "DKD": {"dkd"}, "DIST": {"dist"}, "CTKD": {"kd"}, "NormKD": {"kd"},
+              "RLD": {"rld"}, "MLKD": {"mlkd"}, "TfKDSelf": {"kd"}, "TfKDVirtual": {"virtual"}}
 
 
 def test_registry_lists_every_logit_method():
@@ -57,7 +59,7 @@ def test_standardize_switch_applies_logit_standardization():
     assert not torch.allclose(loss, 0.9 * kd_loss(student, teacher, 2.0))
 
 
-@pytest.mark.parametrize("method", [KD, DKD, DIST, CTKD, NormKD])
+@pytest.mark.parametrize("method", [KD, DKD, DIST, CTKD, NormKD, RLD, MLKD, TfKDSelf])
 def test_standardize_makes_the_loss_invariant_to_logit_scale(method):
     model = method(student="mlp", teacher="mlp", num_classes=10, in_chans=1, standardize=True)
     student, teacher, target = logits_pair(1)
