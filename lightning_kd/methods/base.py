@@ -14,7 +14,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
-from lightning_kd.features import capture_features, check_layers
+from lightning_kd.features import capture_features, check_layers, stage_names
 from lightning_kd.losses import standardize_logits
 from lightning_kd.metrics import Agreement, TeacherStudentKL
 from lightning_kd.models import create_model
@@ -148,6 +148,18 @@ class DistillationModule(L.LightningModule):
         wrong name raises ``ValueError`` listing the model's module names."""
         self.student_layers = check_layers(self.student, student_layers, "student")
         self.teacher_layers = [] if self.teacher is None else check_layers(self.teacher, teacher_layers, "teacher")
+
+    def use_stage_pairs(self, student_layers: list[str] | None = None, teacher_layers: list[str] | None = None) -> None:
+        """:meth:`use_features` for methods that pair student and teacher layers in order: by default each
+        model's stages after the stem; the two lists must be equally long."""
+        student_layers = student_layers or stage_names(self.student)[1:]
+        teacher_layers = teacher_layers or stage_names(self.teacher)[1:]
+        if len(student_layers) != len(teacher_layers):
+            raise ValueError(f"{type(self).__name__} pairs student and teacher layers in order, but got "
+                             f"{len(student_layers)} student layers ({', '.join(student_layers)}) and "
+                             f"{len(teacher_layers)} teacher layers ({', '.join(teacher_layers)}): pass "
+                             "student_layers and teacher_layers of equal length")
+        self.use_features(student_layers, teacher_layers)
 
     def forward_student(self, batch: Batch) -> ModelOutput:
         with capture_features(self.student, self.student_layers) as features:

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from lightning_kd.features import stage_names
 from lightning_kd.losses import nst_loss
 from lightning_kd.methods.base import Batch, DistillationModule, ModelOutput
 
@@ -27,13 +26,7 @@ class NST(DistillationModule):
     def __init__(self, *args, nst_weight: float = 50.0, ce_weight: float = 1.0,
                  student_layers: list[str] | None = None, teacher_layers: list[str] | None = None, **kwargs):
         super().__init__(*args, ce_weight=ce_weight, **kwargs)
-        student_layers = student_layers or stage_names(self.student)[1:]
-        teacher_layers = teacher_layers or stage_names(self.teacher)[1:]
-        if len(student_layers) != len(teacher_layers):
-            raise ValueError(f"NST pairs student and teacher layers in order, but got {len(student_layers)} student "
-                             f"layers ({', '.join(student_layers)}) and {len(teacher_layers)} teacher layers "
-                             f"({', '.join(teacher_layers)}): pass student_layers and teacher_layers of equal length")
-        self.use_features(student_layers, teacher_layers)
+        self.use_stage_pairs(student_layers, teacher_layers)
 
     def distillation_losses(self, batch: Batch, student_out: ModelOutput,
                             teacher_out: ModelOutput) -> dict[str, Tensor]:
