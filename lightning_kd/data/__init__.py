@@ -4,6 +4,7 @@ from lightning_kd.data.base import EpochSeededSampler, ImageClassificationDataMo
 from lightning_kd.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from lightning_kd.data.digits import DigitsDataModule
 from lightning_kd.data.imagefolder import ImageFolderDataModule
+from lightning_kd.data.indexed import IndexedDataModule, IndexedDataset
 from lightning_kd.data.mnist import FashionMNISTDataModule, MNISTDataModule
 
 __all__ = [
@@ -14,6 +15,8 @@ __all__ = [
     "FashionMNISTDataModule",
     "ImageClassificationDataModule",
     "ImageFolderDataModule",
+    "IndexedDataModule",
+    "IndexedDataset",
     "MNISTDataModule",
     "SplitDataModule",
     "split_indices",

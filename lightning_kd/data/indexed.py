@@ -1,0 +1,142 @@
+"""Training batches that carry each sample's index, for methods that keep per-sample state (CRD's memory bank).
+
+:class:`IndexedDataset` turns ``(input, target)`` items into ``(input, target, index)``;
+:class:`IndexedDataModule` applies it to the training split of a data module (validation and test batches are
+unchanged). :func:`dataset_targets` reads the class of every sample of a data set without loading its inputs
+where the data set allows it.
+
+>>> import torch
+>>> from torch.utils.data import TensorDataset
+>>> data = IndexedDataset(TensorDataset(torch.zeros(3, 2), torch.tensor([1, 0, 1])))
+>>> data[2][1:]
+(tensor(1), 2)
+>>> dataset_targets(data)
+tensor([1, 0, 1])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorDataset
+
+from lightning_kd.data.base import TransformedSubset
+
+
+class IndexedDataset(Dataset):
+    """``dataset`` whose item ``i`` is ``(input, target, i)`` (a dict item gets the key ``"index"``)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        item = self.dataset[index]
+        if isinstance(item, dict):
+            return {**item, "index": index}
+        if isinstance(item, (tuple, list)) and len(item) >= 2:
+            return item[0], item[1], index
+        raise TypeError(f"IndexedDataset expects (input, target) items or dicts, got {type(item).__name__}")
+
+
+def with_indices(dataset: Dataset) -> IndexedDataset:
+    """``dataset`` as an :class:`IndexedDataset` (itself when it already is one)."""
+    return dataset if isinstance(dataset, IndexedDataset) else IndexedDataset(dataset)
+
+
+def dataset_targets(dataset: Dataset) -> Tensor:
+    """The integer class of every item of ``dataset``, as a ``(len(dataset),)`` long tensor.
+
+    Read from ``targets`` (torchvision data sets), the second tensor of a ``TensorDataset``, and through
+    ``Subset``/``ConcatDataset``/:class:`IndexedDataset`/the data modules' subsets; any other data set is iterated
+    once (loading every item).
+    """
+    if isinstance(dataset, IndexedDataset):
+        return dataset_targets(dataset.dataset)
+    if isinstance(dataset, (TransformedSubset, Subset)):
+        return dataset_targets(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    if isinstance(dataset, ConcatDataset):
+        return torch.cat([dataset_targets(part) for part in dataset.datasets])
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
+        return dataset.tensors[1].long()
+    targets = getattr(dataset, "targets", None)
+    if targets is not None and len(targets) == len(dataset):
+        return torch.as_tensor(targets, dtype=torch.long)
+    items = (dataset[i] for i in range(len(dataset)))
+    return torch.tensor([int(item["target"] if isinstance(item, dict) else item[1]) for item in items],
+                        dtype=torch.long)
+
+
+class IndexedDataModule(L.LightningDataModule):
+    """``datamodule`` with ``(input, target, index)`` training batches: its training split is wrapped in an
+    :class:`IndexedDataset` after its ``setup``; everything else is the wrapped module's.
+
+    The wrapped module must keep its splits in a ``datasets`` dict with a ``"train"`` entry, as every
+    :class:`~lightning_kd.data.SplitDataModule` does. From the command line::
+
+        --data lightning_kd.data.IndexedDataModule --data.datamodule lightning_kd.data.CIFAR100DataModule
+    """
+
+    def __init__(self, datamodule: L.LightningDataModule):
+        super().__init__()
+        self.datamodule = datamodule
+        # LightningCLI gives a data module built inside another one the outer module's hyper-parameters
+        # ({"_class_path": <this class>, "datamodule": {"class_path": ..., "init_args": {...}}}): restore its own
+        given = getattr(datamodule, "hparams", {})
+        nested = given.get("datamodule") if given.get("_class_path", "").endswith(type(self).__name__) else None
+        if isinstance(nested, dict) and isinstance(nested.get("init_args"), dict):
+            datamodule.hparams.clear()
+            datamodule.hparams.update(nested["init_args"])
+
+    @property
+    def num_classes(self) -> int:
+        return self.datamodule.num_classes
+
+    @property
+    def in_chans(self) -> int:
+        return getattr(self.datamodule, "in_chans", 3)
+
+    @property
+    def datasets(self) -> dict[str, Dataset]:
+        return self.datamodule.datasets
+
+    def prepare_data(self) -> None:
+        self.datamodule.prepare_data()
+
+    def setup(self, stage: str | None = None) -> None:
+        self.datamodule.setup(stage)
+        datasets = getattr(self.datamodule, "datasets", None)
+        if not isinstance(datasets, dict) or "train" not in datasets:
+            raise TypeError(f"IndexedDataModule needs a data module that keeps its splits in a 'datasets' dict with a "
+                            f"'train' entry (as SplitDataModule does); {type(self.datamodule).__name__} does not: wrap "
+                            "its training data set in lightning_kd.data.IndexedDataset instead")
+        datasets["train"] = with_indices(datasets["train"])
+
+    def train_dataloader(self) -> DataLoader:
+        return self.datamodule.train_dataloader()
+
+    def val_dataloader(self) -> Any:
+        return self.datamodule.val_dataloader()
+
+    def test_dataloader(self) -> Any:
+        return self.datamodule.test_dataloader()
+
+    def predict_dataloader(self) -> Any:
+        return self.datamodule.predict_dataloader()
+
+    def teardown(self, stage: str | None = None) -> None:
+        self.datamodule.teardown(stage)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.datamodule.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.datamodule.load_state_dict(state_dict)
+
+
+__all__ = ["IndexedDataModule", "IndexedDataset", "dataset_targets", "with_indices"]
