@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +15,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
-from lightning_kd.features import capture_features, check_layers, stage_names
+from lightning_kd.features import capture_features, check_layers, feature_shapes, infer_input_shape, stage_names
 from lightning_kd.losses import standardize_logits
 from lightning_kd.metrics import Agreement, TeacherStudentKL
 from lightning_kd.models import create_model
@@ -161,6 +162,25 @@ class DistillationModule(L.LightningModule):
                              "student_layers and teacher_layers of equal length")
         self.use_features(student_layers, teacher_layers)
 
+    def init_projection(self, input_shape: Sequence[int] | None) -> None:
+        """For methods whose trainable parts are sized by their hooked student and teacher feature (one each): build
+        them now from a dry run on inputs of ``input_shape``, or, when it is ``None``, in :meth:`setup` from the
+        first sample of the data, storing the shape in ``hparams.input_shape`` so that ``load_from_checkpoint``
+        rebuilds them before their weights load. The method implements :meth:`build_projection`."""
+        self._projection_pending = input_shape is None
+        if input_shape is not None:
+            self._build_projection_for(input_shape)
+
+    def build_projection(self, student_shape: torch.Size, teacher_shape: torch.Size) -> None:
+        """Build the method's trainable parts for features of these shapes (batch dimension first)."""
+        raise NotImplementedError(f"{type(self).__name__} calls init_projection but does not define build_projection")
+
+    def _build_projection_for(self, input_shape: Sequence[int]) -> None:
+        student_shape, = feature_shapes(self.student, self.student_layers, input_shape).values()
+        teacher_shape, = feature_shapes(self.teacher, self.teacher_layers, input_shape).values()
+        self.build_projection(student_shape, teacher_shape)
+        self._projection_pending = False
+
     def forward_student(self, batch: Batch) -> ModelOutput:
         with capture_features(self.student, self.student_layers) as features:
             logits = self.student(batch.input)
@@ -220,6 +240,9 @@ class DistillationModule(L.LightningModule):
         if data_classes is not None and data_classes != self.num_classes:
             raise ValueError(f"the data module has {data_classes} classes but the model was built with "
                              f"num_classes={self.num_classes}: use num_classes={data_classes} (the CLI links it)")
+        if getattr(self, "_projection_pending", False):
+            self.hparams.input_shape = infer_input_shape(self.trainer, stage)
+            self._build_projection_for(self.hparams.input_shape)
 
     def _forward_pair(self, batch: Batch, batch_idx: int) -> tuple[ModelOutput, ModelOutput | None]:
         self._check_targets(batch.target, batch_idx)

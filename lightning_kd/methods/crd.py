@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from lightning_kd.data.indexed import dataset_targets, with_indices
-from lightning_kd.features import embedding_name, feature_shapes, infer_input_shape
+from lightning_kd.features import embedding_name
 from lightning_kd.losses import contrast_scores, crd_loss, kd_loss, nce_normalizer
 from lightning_kd.methods.base import Batch, DistillationModule, ModelOutput
 from lightning_kd.nn import MemoryBank, gather_across_processes, sample_negatives
@@ -87,16 +87,13 @@ class CRD(DistillationModule):
         self._pending_update: tuple[Tensor, Tensor, Tensor] | None = None
         self._generator: torch.Generator | None = None
         self._state_checked = False
-        if input_shape is not None:
-            self.build_heads(input_shape)
+        self.init_projection(input_shape)
         if num_samples is not None:
             self.build_memory(num_samples)
 
     # --------------------------------------------------------------------------------------------- building
-    def build_heads(self, input_shape: Sequence[int]) -> None:
-        """The linear embedding heads, from the sizes of the hooked features for inputs of ``input_shape``."""
-        student_shape, = feature_shapes(self.student, self.student_layers, input_shape).values()
-        teacher_shape, = feature_shapes(self.teacher, self.teacher_layers, input_shape).values()
+    def build_projection(self, student_shape: torch.Size, teacher_shape: torch.Size) -> None:
+        """The linear embedding heads, from the sizes of the hooked features."""
         dim = self.hparams.embedding_dim
         self.student_head = nn.Linear(math.prod(student_shape[1:]), dim)
         self.teacher_head = nn.Linear(math.prod(teacher_shape[1:]), dim)
@@ -116,9 +113,6 @@ class CRD(DistillationModule):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         dataset = self._training_dataset() if stage == "fit" else None
-        if self.student_head is None:
-            self.hparams.input_shape = infer_input_shape(self.trainer, stage)
-            self.build_heads(self.hparams.input_shape)
         if stage != "fit":
             return
         if self.student_memory is None:

@@ -2,9 +2,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from torch import Tensor
 
-from lightning_kd.features import feature_shapes, infer_input_shape, stage_names
+from lightning_kd.features import stage_names
 from lightning_kd.losses import fitnet_loss
 from lightning_kd.methods.base import Batch, DistillationModule, ModelOutput
 from lightning_kd.nn import build_projector
@@ -46,19 +48,10 @@ class FitNet(DistillationModule):
         self.use_features(student_layer or hint_stage(self.student, hint_layer),
                           teacher_layer or hint_stage(self.teacher, hint_layer))
         self.projector = None
-        if input_shape is not None:
-            self.build_projector(input_shape)
+        self.init_projection(input_shape)
 
-    def build_projector(self, input_shape: Sequence[int]) -> None:
-        student_shape, = feature_shapes(self.student, self.student_layers, input_shape).values()
-        teacher_shape, = feature_shapes(self.teacher, self.teacher_layers, input_shape).values()
+    def build_projection(self, student_shape: torch.Size, teacher_shape: torch.Size) -> None:
         self.projector = build_projector(self.hparams.projector, student_shape, teacher_shape)
-
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        if self.projector is None:
-            self.hparams.input_shape = infer_input_shape(self.trainer, stage)
-            self.build_projector(self.hparams.input_shape)
 
     def distillation_losses(self, batch: Batch, student_out: ModelOutput,
                             teacher_out: ModelOutput) -> dict[str, Tensor]:

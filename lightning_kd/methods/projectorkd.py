@@ -2,9 +2,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from torch import Tensor, nn
 
-from lightning_kd.features import embedding_name, feature_shapes, infer_input_shape
+from lightning_kd.features import embedding_name
 from lightning_kd.losses import kd_loss, logsum_distance
 from lightning_kd.methods.base import Batch, DistillationModule, ModelOutput
 from lightning_kd.nn import Linear
@@ -51,21 +53,12 @@ class ProjectorKD(DistillationModule):
         self.use_features(student_layer or embedding_name(self.student),
                           teacher_layer or embedding_name(self.teacher))
         self.projector = self.student_norm = self.teacher_norm = None
-        if input_shape is not None:
-            self.build_projector(input_shape)
+        self.init_projection(input_shape)
 
-    def build_projector(self, input_shape: Sequence[int]) -> None:
-        student_shape, = feature_shapes(self.student, self.student_layers, input_shape).values()
-        teacher_shape, = feature_shapes(self.teacher, self.teacher_layers, input_shape).values()
+    def build_projection(self, student_shape: torch.Size, teacher_shape: torch.Size) -> None:
         self.projector = Linear(student_shape[1], teacher_shape[1])
         self.student_norm = nn.BatchNorm1d(teacher_shape[1], eps=self.hparams.bn_eps, affine=False)
         self.teacher_norm = nn.BatchNorm1d(teacher_shape[1], eps=self.hparams.bn_eps, affine=False)
-
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        if self.projector is None:
-            self.hparams.input_shape = infer_input_shape(self.trainer, stage)
-            self.build_projector(self.hparams.input_shape)
 
     def distillation_losses(self, batch: Batch, student_out: ModelOutput,
                             teacher_out: ModelOutput) -> dict[str, Tensor]:

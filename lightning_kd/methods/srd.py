@@ -2,10 +2,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_kd.features import check_layers, classifier_name, embedding_name, feature_shapes, infer_input_shape
+from lightning_kd.features import check_layers, classifier_name, embedding_name
 from lightning_kd.losses import fitnet_loss, kd_loss
 from lightning_kd.methods.base import Batch, DistillationModule, ModelOutput
 from lightning_kd.nn import ConvBN
@@ -52,23 +54,14 @@ class SRD(DistillationModule):
         self.teacher_classifier_name, = check_layers(self.teacher, teacher_classifier or classifier_name(self.teacher),
                                                      "teacher")
         self.projector = None
-        if input_shape is not None:
-            self.build_projector(input_shape)
+        self.init_projection(input_shape)
 
-    def build_projector(self, input_shape: Sequence[int]) -> None:
-        student_shape, = feature_shapes(self.student, self.student_layers, input_shape).values()
-        teacher_shape, = feature_shapes(self.teacher, self.teacher_layers, input_shape).values()
+    def build_projection(self, student_shape: torch.Size, teacher_shape: torch.Size) -> None:
         if len(student_shape) != 2 or len(teacher_shape) != 2:
             raise ValueError(f"SRD connects (N, C) embeddings, got student {tuple(student_shape)} and teacher "
                              f"{tuple(teacher_shape)}: hook the pooled embeddings (the teacher's is its classifier's "
                              "input)")
         self.projector = ConvBN(student_shape[1], teacher_shape[1], relu=True)
-
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        if self.projector is None:
-            self.hparams.input_shape = infer_input_shape(self.trainer, stage)
-            self.build_projector(self.hparams.input_shape)
 
     def distillation_losses(self, batch: Batch, student_out: ModelOutput,
                             teacher_out: ModelOutput) -> dict[str, Tensor]:
