@@ -26,3 +26,25 @@ def teacher_in_train_mode() -> torch.nn.Module:
     teacher = create_model("cnn_small", num_classes=10, in_chans=1)
     assert teacher.training
     return teacher
+
+
+def value_and_grad(fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fn(x)`` and its gradient with respect to ``x``."""
+    x = x.detach().clone().requires_grad_(True)
+    out = fn(x)
+    (grad,) = torch.autograd.grad(out, x)
+    return out.detach(), grad
+
+
+def assert_matches_naive(fn_code, fn_naive, x64: torch.Tensor, rtol: float = 1e-4, atol: float = 1e-5,
+                         grad_floor: float = 1e-3) -> None:
+    """Value and gradient of the float32 code on ``x64.float()`` against the naive float64 form on ``x64``; the
+    gradient's absolute tolerance is 1e-4 × max(largest reference gradient, ``grad_floor``)."""
+    out, grad = value_and_grad(fn_code, x64.float())
+    ref, ref_grad = value_and_grad(fn_naive, x64)
+    assert out.dtype == torch.float32
+    assert out.shape == ()
+    torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
+    scale = max(ref_grad.abs().max().item(), grad_floor)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=rtol, atol=1e-4 * scale)
+    assert grad.abs().sum() > 0

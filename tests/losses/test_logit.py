@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from conftest import assert_matches_naive, value_and_grad as _value_and_grad
 from lightning_kd.losses import (
     cosine_lambda,
     ctkd_temperature,
@@ -137,23 +138,9 @@ def naive_normkd(s, t, scale):
 # --------------------------------------------------------------------------- #
 # comparison utilities
 # --------------------------------------------------------------------------- #
-def _value_and_grad(fn, x):
-    x = x.detach().clone().requires_grad_(True)
-    out = fn(x)
-    (grad,) = torch.autograd.grad(out, x)
-    return out.detach(), grad
-
-
 def _assert_matches(fn_code, fn_naive, s64, rtol=1e-4, atol=1e-5):
-    """Value and d/d(student logits) of the float32 code vs the float64 naive form."""
-    out, grad = _value_and_grad(fn_code, s64.float())
-    ref, ref_grad = _value_and_grad(fn_naive, s64)
-    assert out.dtype == torch.float32
-    assert out.shape == ()
-    torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
-    scale = max(ref_grad.abs().max().item(), 1e-3)
-    torch.testing.assert_close(grad.double(), ref_grad, rtol=rtol, atol=atol * scale * 10)
-    assert grad.abs().sum() > 0
+    """Value and gradient with respect to the student input: float32 code vs the float64 naive form."""
+    assert_matches_naive(fn_code, fn_naive, s64, rtol=rtol, atol=atol, grad_floor=1e-3)
 
 
 # --------------------------------------------------------------------------- #
