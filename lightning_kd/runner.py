@@ -197,7 +197,8 @@ class _Executor:
                  weights_of: dict[int, str] | None = None) -> list[dict[str, Any]]:
         rows = []
         for seed in seeds:
-            key = _fingerprint(args, seed, *key_parts, test, weights_of and weights_of.get(seed))
+            variant = () if test and weights_of is None else (test, weights_of and weights_of.get(seed))
+            key = _fingerprint(args, seed, *key_parts, *variant)
             if (name, seed, key) in self.done:
                 rows.append(self.done[(name, seed, key)])
                 continue
