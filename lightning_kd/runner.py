@@ -203,7 +203,7 @@ class _Executor:
                 rows.append(self.done[(name, seed, key)])
                 continue
             self.count += 1
-            _announce(self.console, name, seed, self.count, 0)
+            _announce(self.console, name, seed, self.count)
             root = self.output_dir / _slug(name) / f"seed{seed}"
             if weights_of is not None:
                 metrics = test_weights(args, root, seed, weights_of[seed])
@@ -241,7 +241,7 @@ def run_experiment(path: str | Path, overwrite: bool = False, console: Any = Non
         teacher_weights = output_dir / f"teacher-{teacher_key}.pt"
         if not teacher_weights.exists() or ("teacher", seeds[0], teacher_key) not in {
                 (r["run"], r["seed"], r["fingerprint"]) for r in records}:
-            _announce(console, "teacher", seeds[0], 0, 0)
+            _announce(console, "teacher", seeds[0], 0)
             record, module = fit_and_test(teacher_args, output_dir / "teacher", seeds[0])
             module.export_student(teacher_weights)
             records.append(_record(results_file, "teacher", seeds[0], teacher_key, teacher_model, record))
@@ -273,10 +273,13 @@ def run_experiment(path: str | Path, overwrite: bool = False, console: Any = Non
     return records
 
 
-def _announce(console: Any, name: str, seed: int, index: int, total: int) -> None:
+def _announce(console: Any, name: str, seed: int, index: int) -> None:
+    """A rule naming the run about to start (``index``: how many this sweep has started, 0 for the teacher)."""
     if console is not None:
-        step = f"{index}/{total} · " if total else ""
-        console.rule(f"[bold]{step}{name}[/bold] · seed {seed}")
+        from rich.markup import escape
+
+        step = f"run {index} · " if index else ""
+        console.rule(f"{step}[bold]{escape(name)}[/bold] · seed {seed}")
 
 
 def _record(results_file: Path, name: str, seed: int, key: str, model: str, metrics: dict[str, Any]) -> dict:
