@@ -1,7 +1,6 @@
 """The lightning-kd command: LightningCLI subcommands, config printing, experiment files, export, DDP."""
 
 import csv
-import json
 import subprocess
 import sys
 from pathlib import Path

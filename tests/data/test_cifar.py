@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from torchvision import datasets
 
 from lightning_kd.data import CIFAR10DataModule, CIFAR100DataModule
 
