@@ -335,6 +335,11 @@ class LogitDistillationModule(DistillationModule):
     def __init__(self, *args, standardize: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
 
+    def warmup_ramp(self, warmup_epochs: int) -> float:
+        """Linear warm-up factor ``min(epoch / warmup_epochs, 1)`` with epochs counted from 1 (as in the DKD
+        reference code); 1 when ``warmup_epochs`` is 0."""
+        return min((self.current_epoch + 1) / warmup_epochs, 1.0) if warmup_epochs > 0 else 1.0
+
     def distillation_logits(self, student_out: ModelOutput, teacher_out: ModelOutput) -> tuple[Tensor, Tensor]:
         """Student and teacher logits as the loss should see them (standardized when ``standardize``)."""
         student_logits, teacher_logits = student_out.logits, teacher_out.logits

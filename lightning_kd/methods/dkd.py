@@ -30,7 +30,7 @@ class DKD(LogitDistillationModule):
     def distillation_losses(self, batch: Batch, student_out: ModelOutput,
                             teacher_out: ModelOutput) -> dict[str, Tensor]:
         hp = self.hparams
-        ramp = min((self.current_epoch + 1) / hp.warmup_epochs, 1.0) if hp.warmup_epochs > 0 else 1.0
+        ramp = self.warmup_ramp(hp.warmup_epochs)
         student_logits, teacher_logits = self.distillation_logits(student_out, teacher_out)
         return {"dkd": ramp * dkd_loss(student_logits, teacher_logits, batch.target, hp.alpha, hp.beta,
                                        hp.temperature)}
