@@ -12,6 +12,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from lightning_kd.data.device import Augmentation, DeviceBatches
+
 
 class EpochSeededSampler(Sampler[int]):
     """A random permutation drawn from ``seed + epoch``: the same order for the same epoch, whether the run
@@ -108,8 +110,14 @@ class ImageClassificationDataModule(SplitDataModule):
     is held out for validation and seen through the evaluation transform; with ``val_fraction=0`` the test split
     doubles as the validation split.
 
-    A subclass gives ``num_classes``, ``in_chans``, ``train_transform``, ``eval_transform`` and ``load_split``
-    (the raw images as PIL images with integer targets), and raises the missing-data error in ``prepare_data``.
+    With ``device_resident=True`` the images stay whole on the accelerator as uint8 and each batch is augmented
+    (the subclass's :meth:`augmentation`, the same distribution as ``train_transform``) and normalised there
+    (:mod:`lightning_kd.data.device`); batches then also carry the samples' indices. No loader processes run, and the
+    views are a function of ``(shuffle_seed, epoch, index)``, which a teacher-output cache relies on.
+
+    A subclass gives ``num_classes``, ``in_chans``, ``mean``, ``std``, ``train_transform``, ``eval_transform``,
+    ``augmentation`` and ``load_split`` (the raw images as PIL images with integer targets; the dataset's ``data``
+    array is what ``device_resident`` keeps), and raises the missing-data error in ``prepare_data``.
     """
 
     num_classes: int
@@ -117,12 +125,14 @@ class ImageClassificationDataModule(SplitDataModule):
 
     def __init__(self, data_dir: str = "data", batch_size: int = 64, num_workers: int | None = None,
                  val_fraction: float = 0.0, split_seed: int = 0, shuffle_seed: int = 0,
-                 pin_memory: bool | None = None):
+                 pin_memory: bool | None = None, device_resident: bool = False):
         super().__init__()
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
         self.save_hyperparameters()
         self.datasets = {}
+        self.arrays: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def data_dir(self) -> Path:
@@ -138,6 +148,11 @@ class ImageClassificationDataModule(SplitDataModule):
         """The official training (``train=True``) or test split, yielding ``(PIL image, int target)``."""
         raise NotImplementedError
 
+    def augmentation(self) -> Augmentation:
+        """The random part of ``train_transform`` as :class:`~lightning_kd.data.device.Augmentation`, for
+        ``device_resident``."""
+        return Augmentation()
+
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
@@ -150,3 +165,43 @@ class ImageClassificationDataModule(SplitDataModule):
                          "test": TransformedSubset(test, None, eval_transform)}
         self.datasets["val"] = TransformedSubset(train, val_idx.tolist(), eval_transform) if len(val_idx) \
             else self.datasets["test"]
+        if hp.device_resident:
+            train_images, train_targets = uint8_arrays(train)
+            self.arrays = {"train": (train_images[train_idx], train_targets[train_idx]), "test": uint8_arrays(test)}
+            self.arrays["val"] = (train_images[val_idx], train_targets[val_idx]) if len(val_idx) else self.arrays["test"]
+
+    def _device_batches(self, split: str) -> DeviceBatches:
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        if split not in self._on_device or self._on_device[split][0].device != device:
+            self._on_device[split] = tuple(t.to(device) for t in self.arrays[split])
+        images, targets = self._on_device[split]
+        train = split == "train"
+        return DeviceBatches(images, targets, self.hparams.batch_size, self.mean, self.std,
+                             augmentation=self.augmentation() if train else Augmentation(), shuffle=train,
+                             seed=self.hparams.shuffle_seed, drop_last=train and trainer is not None and
+                             trainer.world_size > 1, rank=trainer.global_rank if trainer is not None else 0,
+                             num_replicas=trainer.world_size if trainer is not None else 1)
+
+    def train_dataloader(self) -> DataLoader | DeviceBatches:
+        return self._device_batches("train") if self.hparams.device_resident else super().train_dataloader()
+
+    def val_dataloader(self) -> DataLoader | DeviceBatches:
+        return self._device_batches("val") if self.hparams.device_resident else super().val_dataloader()
+
+    def test_dataloader(self) -> DataLoader | DeviceBatches:
+        return self._device_batches("test") if self.hparams.device_resident else super().test_dataloader()
+
+    def predict_dataloader(self) -> DataLoader | DeviceBatches:
+        return self.test_dataloader()
+
+
+def uint8_arrays(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """A torchvision dataset's whole ``data`` as uint8 ``N×C×H×W`` and its ``targets`` as int64."""
+    data = getattr(dataset, "data", None)
+    if data is None:
+        raise ValueError(f"{type(dataset).__name__} has no `data` array to keep on the device: use "
+                         "device_resident=False")
+    images = torch.as_tensor(data)
+    images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)
+    return images.contiguous(), torch.as_tensor(dataset.targets, dtype=torch.long)

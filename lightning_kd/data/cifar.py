@@ -11,6 +11,7 @@ from torchvision import datasets, transforms
 from torchvision.datasets.utils import extract_archive
 
 from lightning_kd.data.base import ImageClassificationDataModule
+from lightning_kd.data.device import Augmentation
 
 
 class CIFAR10DataModule(ImageClassificationDataModule):
@@ -20,7 +21,8 @@ class CIFAR10DataModule(ImageClassificationDataModule):
     The files are taken from there, else extracted from ``<data_dir>/cifar-10-python.tar.gz``, else downloaded when
     ``download=True``. torchvision checks every file's MD5 against the official release when loading. Normalised
     with the training set's per-channel mean and std. See :class:`ImageClassificationDataModule` for the splits
-    and seeds; ``batch_size=64`` is the CIFAR KD recipe's (CRD, DKD).
+    and seeds; ``batch_size=64`` is the CIFAR KD recipe's (CRD, DKD). ``device_resident=True`` keeps the 150 MB of
+    uint8 images on the accelerator and crops, flips and normalises each batch there.
     """
 
     num_classes = 10
@@ -32,9 +34,10 @@ class CIFAR10DataModule(ImageClassificationDataModule):
 
     def __init__(self, data_dir: str = "data", batch_size: int = 64, num_workers: int | None = None,
                  download: bool = False, val_fraction: float = 0.0, split_seed: int = 0, shuffle_seed: int = 0,
-                 pin_memory: bool | None = None):
+                 pin_memory: bool | None = None, device_resident: bool = False):
         super().__init__(data_dir=data_dir, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction,
-                         split_seed=split_seed, shuffle_seed=shuffle_seed, pin_memory=pin_memory)
+                         split_seed=split_seed, shuffle_seed=shuffle_seed, pin_memory=pin_memory,
+                         device_resident=device_resident)
 
     @property
     def folder(self) -> Path:
@@ -78,6 +81,9 @@ class CIFAR10DataModule(ImageClassificationDataModule):
 
     def eval_transform(self) -> Callable:
         return transforms.Compose([transforms.ToTensor(), transforms.Normalize(self.mean, self.std)])
+
+    def augmentation(self) -> Augmentation:
+        return Augmentation(padding=4, flip=True)
 
 
 class CIFAR100DataModule(CIFAR10DataModule):

@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
 from lightning_kd.data.base import ImageClassificationDataModule
+from lightning_kd.data.device import Augmentation
 
 
 class MNISTDataModule(ImageClassificationDataModule):
@@ -23,7 +24,8 @@ class MNISTDataModule(ImageClassificationDataModule):
     e.g. a distribution's data package), else downloaded when ``download=True``. A ``.gz`` is decompressed into the
     raw folder here rather than by torchvision, which only extracts what it downloaded and checksummed itself.
     Normalised with the training set's mean and std; ``augment`` adds RandomCrop(28, padding=2) (and a horizontal
-    flip for Fashion-MNIST) to training. See :class:`ImageClassificationDataModule` for the splits and seeds.
+    flip for Fashion-MNIST) to training. See :class:`ImageClassificationDataModule` for the splits and seeds, and
+    ``device_resident``, which keeps the uint8 images on the accelerator and augments each batch there.
     """
 
     num_classes = 10
@@ -38,9 +40,10 @@ class MNISTDataModule(ImageClassificationDataModule):
     def __init__(self, data_dir: str = "data", batch_size: int = 128, num_workers: int | None = None,
                  download: bool = False, source_dir: str | None = None, augment: bool = False,
                  val_fraction: float = 0.0, split_seed: int = 0, shuffle_seed: int = 0,
-                 pin_memory: bool | None = None):
+                 pin_memory: bool | None = None, device_resident: bool = False):
         super().__init__(data_dir=data_dir, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction,
-                         split_seed=split_seed, shuffle_seed=shuffle_seed, pin_memory=pin_memory)
+                         split_seed=split_seed, shuffle_seed=shuffle_seed, pin_memory=pin_memory,
+                         device_resident=device_resident)
 
     @property
     def raw_folder(self) -> Path:
@@ -103,6 +106,9 @@ class MNISTDataModule(ImageClassificationDataModule):
 
     def eval_transform(self) -> Callable:
         return transforms.Compose([transforms.ToTensor(), transforms.Normalize(self.mean, self.std)])
+
+    def augmentation(self) -> Augmentation:
+        return Augmentation(padding=2, flip=self.flip) if self.hparams.augment else Augmentation()
 
 
 class FashionMNISTDataModule(MNISTDataModule):
