@@ -7,6 +7,7 @@ in :mod:`lightning_kd.losses.feature` and relation/embedding losses in
 
 from lightning_kd.losses.contrastive import contrast_scores, crd_loss, nce_loss, nce_normalizer
 from lightning_kd.losses.feature import at_loss, fitnet_loss, logsum_distance, nst_loss
+from lightning_kd.losses.feature_fusion import hcl_loss, ofd_loss, ofd_margin, ofd_margin_from_bn
 from lightning_kd.losses.logit import (
     cosine_lambda,
     ctkd_temperature,
@@ -37,6 +38,10 @@ __all__ = [
     "fitnet_loss",
     "logsum_distance",
     "nst_loss",
+    "hcl_loss",
+    "ofd_loss",
+    "ofd_margin",
+    "ofd_margin_from_bn",
     "cc_loss",
     "pkt_loss",
     "rkd_loss",

@@ -17,8 +17,10 @@ from lightning_kd.methods.kd import KD
 from lightning_kd.methods.mlkd import MLKD
 from lightning_kd.methods.normkd import NormKD
 from lightning_kd.methods.nst import NST
+from lightning_kd.methods.ofd import OFD
 from lightning_kd.methods.pkt import PKT
 from lightning_kd.methods.projectorkd import ProjectorKD
+from lightning_kd.methods.reviewkd import ReviewKD
 from lightning_kd.methods.rkd import RKD
 from lightning_kd.methods.rld import RLD
 from lightning_kd.methods.sp import SP
@@ -29,7 +31,7 @@ from lightning_kd.models.registry import suggest
 
 METHODS: dict[str, type[DistillationModule]] = {cls.__name__: cls for cls in (
     Supervised, KD, DKD, DIST, CTKD, NormKD, RLD, MLKD, TfKDSelf, TfKDVirtual,
-    FitNet, AT, SP, PKT, RKD, NST, CC, ProjectorKD, SRD, CRD)}
+    FitNet, AT, SP, PKT, RKD, NST, CC, ProjectorKD, SRD, OFD, ReviewKD, CRD)}
 
 
 def list_methods() -> list[str]:

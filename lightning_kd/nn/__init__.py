@@ -1,5 +1,6 @@
 """Small trainable parts shared by methods (projectors from student to teacher features, memory banks)."""
 
+from lightning_kd.nn.review import ABF, ReviewFusion, as_map
 from lightning_kd.nn.memory import MemoryBank, gather_across_processes, sample_negatives
 from lightning_kd.nn.projectors import (
     PROJECTORS,
@@ -13,4 +14,4 @@ from lightning_kd.nn.projectors import (
 )
 
 __all__ = ["PROJECTORS", "MLP", "ChannelBatchNorm", "ConvBN", "ConvReg", "Linear", "ProjectorEnsemble",
-           "build_projector", "MemoryBank", "gather_across_processes", "sample_negatives"]
+           "build_projector", "MemoryBank", "gather_across_processes", "sample_negatives", "ABF", "ReviewFusion", "as_map"]
