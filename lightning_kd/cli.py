@@ -68,10 +68,16 @@ def model_from_checkpoint(argv: list[str]) -> list[str]:
 
 
 def export_student(checkpoint_path: str, output_path: str) -> dict[str, torch.Tensor]:
-    """Write the student weights of a distillation checkpoint to ``output_path`` as a plain ``state_dict``."""
+    """Write the student weights of a distillation checkpoint to ``output_path`` as a plain ``state_dict`` (for the
+    online methods, the peer with the best validation accuracy, as their ``export_student``)."""
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
     state = checkpoint.get("state_dict", checkpoint)
-    student = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
+    prefix = "student."
+    accuracy = state.get("peer_val_acc")
+    if accuracy is not None:
+        best = int(torch.nan_to_num(accuracy.float(), nan=-1.0).argmax())
+        prefix = "student." if best == 0 else f"peers.{best - 1}."
+    student = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if not student:
         raise ValueError(f"{checkpoint_path!r} holds no 'student.*' weights: is it a lightning-kd checkpoint?")
     torch.save(student, output_path)
@@ -101,4 +107,10 @@ def main(args: list[str] | None = None) -> DistillationCLI | None:
     return None
 
 
-__all__ = ["DistillationCLI", "export_student", "main"]
+def console_main() -> None:
+    """The ``lightning-kd`` console script: :func:`main` with exit status 0 on success (the script exits with
+    whatever it returns, and a CLI object would read as a failure)."""
+    main()
+
+
+__all__ = ["DistillationCLI", "console_main", "export_student", "main"]

@@ -88,7 +88,8 @@ def test_python_dash_m_and_help_list_the_commands():
 
 @pytest.mark.ddp
 def test_two_process_ddp_on_cpu_trains_and_logs(tmp_path):
-    command = [sys.executable, "-m", "lightning_kd", "fit", *DIGITS, "--model", "KD", "--model.student", "cnn_tiny",
+    """Through the installed console script, which must exit with status 0."""
+    command = [str(Path(sys.executable).with_name("lightning-kd")), "fit", *DIGITS, "--model", "KD", "--model.student", "cnn_tiny",
                "--model.teacher", "cnn_small", "--trainer.strategy", "ddp", "--trainer.devices", "2",
                "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
                "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
@@ -102,3 +103,11 @@ def test_two_process_ddp_on_cpu_trains_and_logs(tmp_path):
     # 1348 training images / (2 processes x batch 64) = 11 steps per epoch
     assert len(train) == 22 and int(train[-1]["step"]) == 21
     assert all(0 <= float(r["val/agreement"]) <= 1 for r in val)
+
+
+def test_export_takes_the_best_peer_of_an_online_checkpoint(tmp_path):
+    state = {"student.weight": torch.zeros(2), "peers.0.weight": torch.ones(2), "peers.1.weight": torch.full((2,), 2.0)}
+    for accuracy, expected in (([0.5, 0.7, 0.6], 1.0), ([0.8, 0.7, 0.6], 0.0), ([float("nan")] * 3, 0.0)):
+        torch.save({"state_dict": {**state, "peer_val_acc": torch.tensor(accuracy)}}, tmp_path / "online.ckpt")
+        main(["export", str(tmp_path / "online.ckpt"), str(tmp_path / "best.pt")])
+        assert torch.load(tmp_path / "best.pt")["weight"].tolist() == [expected, expected]

@@ -19,6 +19,7 @@ from lightning_kd.losses.logit import (
     standardize_logits,
 )
 from lightning_kd.losses.logit_extra import mlkd_loss, rld_loss, virtual_teacher_loss, virtual_teacher_probs
+from lightning_kd.losses.online import dml_loss, mean_logit_ensemble, min_logit_ensemble, mutual_learning_losses
 from lightning_kd.losses.relation import cc_loss, pkt_loss, rkd_loss, sp_loss
 
 __all__ = [
@@ -46,6 +47,10 @@ __all__ = [
     "pkt_loss",
     "rkd_loss",
     "sp_loss",
+    "dml_loss",
+    "mean_logit_ensemble",
+    "min_logit_ensemble",
+    "mutual_learning_losses",
     "contrast_scores",
     "crd_loss",
     "nce_loss",

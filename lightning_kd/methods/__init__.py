@@ -12,8 +12,10 @@ from lightning_kd.methods.crd import CRD
 from lightning_kd.methods.ctkd import CTKD
 from lightning_kd.methods.dist import DIST
 from lightning_kd.methods.dkd import DKD
+from lightning_kd.methods.dml import DML, OnlineDistillationModule
 from lightning_kd.methods.fitnet import FitNet
 from lightning_kd.methods.kd import KD
+from lightning_kd.methods.kdcl import KDCL
 from lightning_kd.methods.mlkd import MLKD
 from lightning_kd.methods.normkd import NormKD
 from lightning_kd.methods.nst import NST
@@ -30,7 +32,7 @@ from lightning_kd.methods.tfkd import TfKDSelf, TfKDVirtual
 from lightning_kd.models.registry import suggest
 
 METHODS: dict[str, type[DistillationModule]] = {cls.__name__: cls for cls in (
-    Supervised, KD, DKD, DIST, CTKD, NormKD, RLD, MLKD, TfKDSelf, TfKDVirtual,
+    Supervised, KD, DKD, DIST, CTKD, NormKD, RLD, MLKD, TfKDSelf, TfKDVirtual, DML, KDCL,
     FitNet, AT, SP, PKT, RKD, NST, CC, ProjectorKD, SRD, OFD, ReviewKD, CRD)}
 
 
@@ -48,5 +50,6 @@ def get_method(name: str) -> type[DistillationModule]:
     return METHODS[name]
 
 
-__all__ = ["Batch", "DistillationModule", "LogitDistillationModule", "ModelOutput", "get_method", "list_methods",
+__all__ = ["Batch", "DistillationModule", "LogitDistillationModule", "ModelOutput", "OnlineDistillationModule",
+           "get_method", "list_methods",
            *METHODS]
