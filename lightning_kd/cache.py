@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,8 @@ class TeacherOutputCache(L.Callback):
         self._indices: np.ndarray | None = None
         self._epoch_outputs: tuple[int, Tensor, Tensor | None] | None = None
         self.num_classes = 0
+        #: seconds the last build took (``None`` when the cache was reused)
+        self.build_seconds: float | None = None
 
     # ------------------------------------------------------------------------------------------------ setup
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -133,6 +136,7 @@ class TeacherOutputCache(L.Callback):
     @torch.no_grad()
     def _build(self, trainer: L.Trainer, pl_module: DistillationModule, batches: DeviceBatches,
                meta: dict[str, Any]) -> None:
+        started = time.perf_counter()
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "meta.json").unlink(missing_ok=True)  # written last: a half-built cache is never reused
         epochs, count, k = meta["epochs"], meta["num_samples"], meta["top_k"]
@@ -161,6 +165,7 @@ class TeacherOutputCache(L.Callback):
         else:
             (self.path / "indices.npy").unlink(missing_ok=True)
         (self.path / "meta.json").write_text(json.dumps(meta, indent=1))
+        self.build_seconds = time.perf_counter() - started
 
     def _open(self) -> None:
         self._logprobs = np.load(self.path / "logprobs.npy", mmap_mode="r")

@@ -46,9 +46,13 @@ def test_fit_config_resolves(path, capsys):
     assert optimizer == "lightning_kd.methods.base.sgd" or optimizer["class_path"] == "torch.optim.SGD"
     student = init_args["student"]
     assert isinstance(student, str), "model names must stay names, not become classes of the same name"
-    assert isinstance(init_args["teacher"], str) or path.parts[-2] == "supervised" or "virtual" in path.name \
-        or "peers" in init_args
-    if path.parts[-3] == "cifar100":
+    teacher = init_args["teacher"]
+    assert isinstance(teacher, str) or path.parts[-2] == "supervised" or "virtual" in path.name \
+        or "peers" in init_args or (path.parts[-2] == "multiteacher" and all(isinstance(t, str) for t in teacher))
+    if path.parts[-2] == "kd_function_matching":
+        assert config["trainer"]["max_epochs"] >= 1200 and init_args["mix"] in ("mixup", "cutmix")
+        assert init_args["lr_scheduler"]["init_args"]["T_max"] == config["trainer"]["max_epochs"]
+    elif path.parts[-3] == "cifar100":
         assert config["trainer"]["max_epochs"] == 240 and config["data"]["init_args"]["batch_size"] == 64
         assert init_args["lr_scheduler"]["init_args"]["milestones"] == [150, 180, 210]
         assert init_args["optimizer"]["init_args"]["lr"] == (0.01 if student in ("MobileNetV2", "ShuffleV2") else 0.05)

@@ -94,6 +94,13 @@ class DeviceBatches:
 
     batch_sampler = None
 
+    def to(self, device: torch.device | str) -> DeviceBatches:
+        """Move the images, targets and normalisation to ``device`` (in place) and return ``self``."""
+        self.images, self.targets = self.images.to(device), self.targets.to(device)
+        self.scale, self.shift = self.scale.to(device), self.shift.to(device)
+        self._params_cache = None
+        return self
+
     @property
     def sampler(self) -> DeviceBatches:
         return self

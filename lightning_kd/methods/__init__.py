@@ -17,6 +17,7 @@ from lightning_kd.methods.fitnet import FitNet
 from lightning_kd.methods.kd import KD
 from lightning_kd.methods.kdcl import KDCL
 from lightning_kd.methods.mlkd import MLKD
+from lightning_kd.methods.multiteacher import MultiTeacherKD
 from lightning_kd.methods.normkd import NormKD
 from lightning_kd.methods.nst import NST
 from lightning_kd.methods.ofd import OFD
@@ -32,7 +33,7 @@ from lightning_kd.methods.tfkd import TfKDSelf, TfKDVirtual
 from lightning_kd.models.registry import suggest
 
 METHODS: dict[str, type[DistillationModule]] = {cls.__name__: cls for cls in (
-    Supervised, KD, DKD, DIST, CTKD, NormKD, RLD, MLKD, TfKDSelf, TfKDVirtual, DML, KDCL,
+    Supervised, KD, DKD, DIST, CTKD, NormKD, RLD, MLKD, TfKDSelf, TfKDVirtual, MultiTeacherKD, DML, KDCL,
     FitNet, AT, SP, PKT, RKD, NST, CC, ProjectorKD, SRD, OFD, ReviewKD, CRD)}
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +15,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
+from lightning_kd.data.mixing import MIX_MODES, mix_images
 from lightning_kd.features import capture_features, check_layers, feature_shapes, infer_input_shape, stage_names
 from lightning_kd.losses import standardize_logits
 from lightning_kd.metrics import Agreement, TeacherStudentKL
@@ -42,8 +43,11 @@ class ModelOutput:
 
 
 def sgd(params) -> torch.optim.Optimizer:
-    """The default optimizer: SGD with lr 0.05, momentum 0.9 and weight decay 5e-4 (the CIFAR KD recipe)."""
-    return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
+    """The default optimizer: SGD with lr 0.05, momentum 0.9 and weight decay 5e-4 (the CIFAR KD recipe); fused into
+    one kernel when every parameter is on a CUDA device, else the multi-tensor (``foreach``) implementation."""
+    params = list(params)
+    fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4, fused=fused or None)
 
 
 class DistillationModule(L.LightningModule):
@@ -62,8 +66,15 @@ class DistillationModule(L.LightningModule):
         optimizer: builds the optimizer from the trainable parameters (student and the method's own modules).
         lr_scheduler: builds an epoch-wise scheduler from the optimizer; none by default.
         save_teacher: also write the teacher's weights into checkpoints.
-        check_finite: stop with an error naming the step and the losses when the loss is not finite (costs
-            one host synchronisation per step on accelerators).
+        check_finite: stop with an error naming the step and the losses when the loss is not finite. On the CPU
+            every step is checked; on accelerators a flag kept on the device is read every ``log_every_n_steps``
+            steps and before validation, so that no step waits for the host.
+        channels_last: keep student, teacher and their 4-D inputs in the channels-last memory format (faster
+            convolutions under mixed precision on tensor-core GPUs).
+        compile: run student and teacher through ``torch.compile``, each compiled on its own (the teacher under
+            ``no_grad``); for methods that distil from logits (hooked layers are not compiled).
+
+    Mixed precision is the ``Trainer``'s ``precision`` (e.g. ``"bf16-mixed"``); losses are computed in float32.
 
     A method overrides :meth:`distillation_losses` and returns its weighted losses by name; the base adds
     ``ce``, sums them, and logs ``train/loss`` and ``train/loss_<name>`` for each. A method that needs
@@ -88,6 +99,8 @@ class DistillationModule(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         save_teacher: bool = False,
         check_finite: bool = True,
+        channels_last: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
         modules = [name for name, value in (("student", student), ("teacher", teacher)) if isinstance(value, nn.Module)]
@@ -111,6 +124,10 @@ class DistillationModule(L.LightningModule):
         self.val_metrics = self._make_metrics()
         self.test_metrics = self._make_metrics()
         self._outputs_checked = False
+        #: set by :class:`lightning_kd.cache.TeacherOutputCache`: gives the teacher's logits for a training batch
+        self.replay_teacher: Callable[[Batch], Tensor] | None = None
+        self._compiled: dict[str, Callable[[Tensor], Tensor]] = {}
+        self._nonfinite: Tensor | None = None
 
     @staticmethod
     def _build(model: nn.Module | str, num_classes: int, in_chans: int) -> nn.Module:
@@ -181,17 +198,24 @@ class DistillationModule(L.LightningModule):
         self.build_projection(student_shape, teacher_shape)
         self._projection_pending = False
 
+    def _input(self, x: Tensor) -> Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last and x.dim() == 4 else x
+
     def forward_student(self, batch: Batch) -> ModelOutput:
+        student = self._compiled.get("student", self.student)
         with capture_features(self.student, self.student_layers) as features:
-            logits = self.student(batch.input)
+            logits = student(self._input(batch.input))
         return ModelOutput(logits, features)
 
     @torch.no_grad()
     def forward_teacher(self, batch: Batch) -> ModelOutput:
+        if self.replay_teacher is not None and self.training:
+            return ModelOutput(self.replay_teacher(batch))
         if self.teacher.training:  # Trainer.fit restores the modes sub-modules had when it started
             self.teacher.eval()
+        teacher = self._compiled.get("teacher", self.teacher)
         with capture_features(self.teacher, self.teacher_layers) as features:
-            logits = self.teacher(batch.input)
+            logits = teacher(self._input(batch.input))
         return ModelOutput(logits, features)
 
     # ------------------------------------------------------------------------------------------------ method
@@ -236,6 +260,7 @@ class DistillationModule(L.LightningModule):
         self._outputs_checked = True
 
     def setup(self, stage: str) -> None:
+        self._setup_fast_paths()
         data_classes = getattr(getattr(self.trainer, "datamodule", None), "num_classes", None)
         if data_classes is not None and data_classes != self.num_classes:
             raise ValueError(f"the data module has {data_classes} classes but the model was built with "
@@ -243,6 +268,21 @@ class DistillationModule(L.LightningModule):
         if getattr(self, "_projection_pending", False):
             self.hparams.input_shape = infer_input_shape(self.trainer, stage)
             self._build_projection_for(self.hparams.input_shape)
+
+    def _setup_fast_paths(self) -> None:
+        hp = self.hparams
+        models = {"student": self.student, "teacher": self.teacher}
+        if hp.get("channels_last"):
+            for model in models.values():
+                if model is not None:
+                    model.to(memory_format=torch.channels_last)
+        if hp.get("compile") and not self._compiled:
+            if self.student_layers or self.teacher_layers:
+                raise ValueError(f"compile=True compiles whole models, but {type(self).__name__} hooks layers "
+                                 f"({', '.join([*self.student_layers, *self.teacher_layers])}): leave compile off "
+                                 "for feature methods")
+            # plain dict entries: the compiled wrappers share the modules' parameters but stay out of state_dict
+            self._compiled = {name: torch.compile(model) for name, model in models.items() if model is not None}
 
     def _forward_pair(self, batch: Batch, batch_idx: int) -> tuple[ModelOutput, ModelOutput | None]:
         self._check_targets(batch.target, batch_idx)
@@ -256,17 +296,58 @@ class DistillationModule(L.LightningModule):
         student_out, teacher_out = self._forward_pair(batch, batch_idx)
         ce = self.cross_entropy(student_out.logits, batch.target)
         losses = {"ce": self.hparams.ce_weight * ce, **self.distillation_losses(batch, student_out, teacher_out)}
+        stacked = torch.stack([value.float().detach() for value in losses.values()])
         loss = torch.stack([value.float() for value in losses.values()]).sum()
-        if self.hparams.check_finite and not torch.isfinite(loss):
-            bad = [name for name, value in losses.items() if not torch.isfinite(value)]
-            raise FloatingPointError(
-                f"the loss went non-finite at epoch {self.current_epoch}, global step {self.global_step} "
-                f"(batch {batch_idx}); non-finite losses: {', '.join(bad)}. Lower the learning rate or the loss "
-                "weights, check the inputs for NaN/Inf, or train in full precision")
+        if self.hparams.check_finite:
+            self._track_finite(stacked, list(losses), batch_idx)
         self.log("train/loss", loss, prog_bar=True)
         for name, value in losses.items():
             self.log(f"train/loss_{name}", value)
         return loss
+
+    def _track_finite(self, losses: Tensor, names: list[str], batch_idx: int) -> None:
+        """Raise on a non-finite loss: at once on the CPU; on accelerators through a device-side record of the
+        first bad step, read every ``log_every_n_steps`` steps and before validation (no per-step host sync)."""
+        bad = ~torch.isfinite(losses)
+        if not self._defer_finite_check(losses.device):
+            if bad.any():
+                self._raise_nonfinite(self.global_step, batch_idx, [n for n, b in zip(names, bad.tolist()) if b])
+            return
+        step = torch.full((1,), float(self.global_step), device=losses.device)
+        if self._nonfinite is None or self._nonfinite.shape[0] != len(names) + 1:
+            self._nonfinite = torch.full((len(names) + 1,), -1.0, device=losses.device)
+            self._nonfinite_names = names
+        first = self._nonfinite[0]
+        new = bad.any() & (first < 0)
+        self._nonfinite = torch.where(new, torch.cat([step, bad.float()]), self._nonfinite)
+        interval = getattr(self.trainer, "log_every_n_steps", 50) or 50
+        if (batch_idx + 1) % interval == 0:
+            self._check_nonfinite()
+
+    @staticmethod
+    def _defer_finite_check(device: torch.device) -> bool:
+        return device.type != "cpu"
+
+    def _check_nonfinite(self) -> None:
+        if self._nonfinite is None:
+            return
+        record = self._nonfinite.tolist()
+        if record[0] >= 0:
+            self._raise_nonfinite(int(record[0]), None, [n for n, b in zip(self._nonfinite_names, record[1:]) if b])
+
+    def _raise_nonfinite(self, step: int, batch_idx: int | None, bad: list[str]) -> None:
+        where = f"global step {step}" + (f" (epoch {self.current_epoch}, batch {batch_idx})" if batch_idx is not None
+                                         else "")
+        raise FloatingPointError(
+            f"the loss went non-finite at {where}; non-finite losses: {', '.join(bad)}. Lower the learning rate or "
+            "the loss weights, check the inputs for NaN/Inf, or train in full precision")
+
+    def on_validation_epoch_start(self) -> None:
+        if self.trainer.state.fn == "fit":
+            self._check_nonfinite()
+
+    def on_train_epoch_end(self) -> None:
+        self._check_nonfinite()
 
     def _evaluation_step(self, batch: Any, batch_idx: int, stage: str) -> None:
         batch = self.unpack_batch(batch)
@@ -330,10 +411,27 @@ class LogitDistillationModule(DistillationModule):
             standardization, Sun et al., "Logit Standardization in Knowledge Distillation", CVPR 2024). The
             paper pairs it with a lower base temperature and a larger KD weight (e.g. KD: T=2, weight 9 on
             CIFAR-100); set those in the config.
+        mix: ``"mixup"`` or ``"cutmix"``: consistent teaching, as in function matching (Beyer et al., "Knowledge
+            distillation: A good teacher is patient and consistent", CVPR 2022): every training batch is mixed on
+            its device (:mod:`lightning_kd.data.mixing`, one coefficient λ per batch, folded to λ ≥ ½) before the
+            teacher and the student both see it. The cross-entropy then uses the mixed labels,
+            ``λ · CE(s, y) + (1 − λ) · CE(s, y_partner)`` (function matching itself uses no labels:
+            ``ce_weight=0``); a distillation loss that reads the labels (DKD, RLD) gets ``batch.target``, the label
+            of the image with the larger share. :attr:`mixing` describes the current batch's mixing. Validation
+            and test batches are not mixed. ``None``: no mixing.
+        mix_alpha: concentration α of ``λ ~ Beta(α, α)``; 1 (λ uniform) is the paper's setting (big_vision's
+            distillation configs: ``mixup = dict(p=1.0, n=2)``).
     """
 
-    def __init__(self, *args, standardize: bool = False, **kwargs):
+    def __init__(self, *args, standardize: bool = False, mix: str | None = None, mix_alpha: float = 1.0, **kwargs):
+        if mix is not None and mix not in MIX_MODES:
+            raise ValueError(f"unknown mix={mix!r}: use one of {', '.join(MIX_MODES)}, or None for no mixing")
+        if not mix_alpha > 0:
+            raise ValueError(f"mix_alpha={mix_alpha} must be positive (it is the α of Beta(α, α))")
         super().__init__(*args, **kwargs)
+        #: how the current training batch was mixed (a :class:`lightning_kd.data.mixing.Mixing`); ``None`` outside
+        #: mixed training steps
+        self.mixing = None
 
     def warmup_ramp(self, warmup_epochs: int) -> float:
         """Linear warm-up factor ``min(epoch / warmup_epochs, 1)`` with epochs counted from 1 (as in the DKD
@@ -346,3 +444,23 @@ class LogitDistillationModule(DistillationModule):
         if self.hparams.standardize:
             return standardize_logits(student_logits), standardize_logits(teacher_logits)
         return student_logits, teacher_logits
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        if self.hparams.get("mix") is None:
+            return super().training_step(batch, batch_idx)
+        if self.replay_teacher is not None:
+            raise ValueError(f"mix={self.hparams.mix!r} needs the teacher to see every mixed batch, but the teacher's "
+                             "outputs are replayed from a cache: drop the teacher-output cache or set mix=None")
+        batch = self.unpack_batch(batch)
+        images, mixing = mix_images(batch.input, self.hparams.mix, self.hparams.mix_alpha)
+        self.mixing = mixing
+        try:
+            return super().training_step(Batch(images, batch.target, batch.index), batch_idx)
+        finally:
+            self.mixing = None
+
+    def cross_entropy(self, student_logits: Tensor, target: Tensor) -> Tensor:
+        """The supervised loss; on a mixed batch, with the mixed labels (cross-entropy is linear in the label)."""
+        if self.mixing is None:
+            return super().cross_entropy(student_logits, target)
+        return F.cross_entropy(student_logits.float(), self.mixing.mix_targets(target, self.num_classes))

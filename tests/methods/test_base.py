@@ -232,8 +232,22 @@ def test_non_finite_loss_stops_naming_step_and_losses(tmp_path):
     images = torch.randn(32, 1, 8, 8)
     images[20] = float("nan")
     trainer = make_trainer(max_epochs=1)
-    with pytest.raises(FloatingPointError, match=r"global step 2 \(batch 2\); non-finite losses: ce, kd"):
+    with pytest.raises(FloatingPointError, match=r"global step 2 \(epoch 0, batch 2\); non-finite losses: ce, kd"):
         trainer.fit(model, loader(images, torch.arange(32) % 10))
+
+
+@pytest.mark.parametrize("log_every_n_steps, stops_at", [(3, 2), (4, 3), (50, 6)])
+def test_deferred_finite_check_names_the_first_bad_step(monkeypatch, log_every_n_steps, stops_at):
+    """On accelerators the check reads a device-side record every ``log_every_n_steps`` steps (and at the end of
+    the epoch): the error names the first bad step, though training went on to the next check."""
+    monkeypatch.setattr(KD, "_defer_finite_check", staticmethod(lambda device: True))
+    model = KD(student="mlp", teacher="mlp", num_classes=10, in_chans=1)
+    images = torch.randn(48, 1, 8, 8)
+    images[17] = float("nan")
+    trainer = make_trainer(max_epochs=1, log_every_n_steps=log_every_n_steps)
+    with pytest.raises(FloatingPointError, match=r"global step 2; non-finite losses: ce, kd"):
+        trainer.fit(model, loader(images, torch.arange(48) % 10))
+    assert trainer.global_step == stops_at
 
 
 def test_unknown_method_and_model_names_suggest_the_closest():
