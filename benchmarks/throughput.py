@@ -20,6 +20,7 @@ Cases:
     fit: ``Trainer.fit`` of ``KD`` on the device-resident data module, no logger, checkpoint or progress bar.
     fit_cached: ``fit`` with :class:`~lightning_kd.cache.TeacherOutputCache` (built before timing; its build time
         is reported), to compare with ``student_step``.
+    data (not in the default list): the training batches alone, per-sample pipeline against device-resident.
 
 Data: CIFAR-100-shaped random images written in the official python-pickle format and read by the real data module
 (the benchmark puts their MD5s in torchvision's table), or, for the ImageNet pair, random 224 px images held by a
@@ -261,6 +262,21 @@ def case_plain(args, device) -> tuple[float, float]:
     return seconds, peak_memory_mb(device)
 
 
+def case_data(args, device) -> dict[str, float]:
+    """Training batches alone: the per-sample pipeline (DataLoader workers, then the copy to the device) against the
+    device-resident one (crop, flip and normalise per batch on the device)."""
+    plain = make_data(args, device_resident=False, workers=args.workers)
+    plain.setup("fit")
+    loader = DataLoader(plain.datasets["train"], batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=args.workers > 0)
+    resident = make_data(args, device_resident=True)
+    resident.setup("fit")
+    batches = resident._device_batches("train").to(device)
+    to_device = lambda batch: [t.to(device, non_blocking=True) for t in batch]
+    return {"data_per_sample": timed_loop(to_device, loader, args.warmup, args.steps, device),
+            "data_device_resident": timed_loop(lambda batch: None, batches, args.warmup, args.steps, device)}
+
+
 def kd_module(args, device) -> KD:
     teacher_name, student_name = PAIRS[(args.pair, device.type)]
     torch.manual_seed(0)
@@ -356,6 +372,11 @@ def main(argv: list[str] | None = None) -> None:
             results.append(line)
             print(json.dumps(line), flush=True)
 
+        if "data" in cases:
+            data = case_data(args, device)
+            report("data_per_sample", data["data_per_sample"], None)
+            report("data_device_resident", data["data_device_resident"], None,
+                   **{"device_resident/per_sample": round(data["data_per_sample"] / data["data_device_resident"], 2)})
         if "limit" in cases:
             limit = case_limit(args, device)
             report("student_step", limit["student_step"], limit["student_step_mem"])

@@ -52,6 +52,10 @@ def test_fit_config_resolves(path, capsys):
     if path.parts[-2] == "kd_function_matching":
         assert config["trainer"]["max_epochs"] >= 1200 and init_args["mix"] in ("mixup", "cutmix")
         assert init_args["lr_scheduler"]["init_args"]["T_max"] == config["trainer"]["max_epochs"]
+    elif path.parts[-2] == "datafree":  # DFAD's recipe: 500 epochs of 50 steps of 256 generated images
+        assert config["trainer"]["max_epochs"] == 500 and config["data"]["init_args"]["batch_size"] == 256
+        assert init_args["lr_scheduler"]["init_args"]["milestones"] == [100, 200]
+        assert init_args["optimizer"]["init_args"]["lr"] == 0.1
     elif path.parts[-3] == "cifar100":
         assert config["trainer"]["max_epochs"] == 240 and config["data"]["init_args"]["batch_size"] == 64
         assert init_args["lr_scheduler"]["init_args"]["milestones"] == [150, 180, 210]

@@ -60,7 +60,7 @@ def test_views_on_the_device_equal_the_cpus():
 def test_bf16_channels_last_compile_and_fused_sgd_train():
     model = kd(channels_last=True, compile=True)
     teacher_before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
-    trainer = gpu_trainer(max_steps=4, limit_val_batches=2, precision="bf16-mixed")
+    trainer = gpu_trainer(max_epochs=1, limit_val_batches=2, precision="bf16-mixed")
     trainer.fit(model, datamodule=RandomCIFAR10(batch_size=64, device_resident=True))
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert 0 <= trainer.callback_metrics["val/acc"] <= 1
@@ -89,7 +89,8 @@ def test_training_steps_never_wait_for_the_host():
                               callbacks=[SyncWatch()])
         trainer.fit(model, datamodule=RandomCIFAR10(batch_size=64, device_resident=True))
     torch.cuda.set_sync_debug_mode("default")
-    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower() and "prototype" not in
+             str(w.message)]
     assert not syncs, syncs[:3]
 
 
@@ -99,6 +100,7 @@ def test_cache_replays_the_live_teacher_on_the_device(tmp_path):
     trainer = gpu_trainer(max_epochs=1, limit_val_batches=0, callbacks=[cache])
     trainer.fit(model, datamodule=RandomCIFAR10(batch_size=64, device_resident=True))
     batches = trainer.train_dataloader
+    model.cuda()  # Trainer.fit hands the model back on the CPU
     index = torch.arange(0, 512, 37, device="cuda")
     with torch.no_grad():
         live = model.teacher(batches.views(index, 0)).log_softmax(-1)

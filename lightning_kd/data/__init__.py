@@ -6,10 +6,12 @@ from lightning_kd.data.digits import DigitsDataModule
 from lightning_kd.data.imagefolder import ImageFolderDataModule
 from lightning_kd.data.indexed import IndexedDataModule, IndexedDataset
 from lightning_kd.data.mnist import FashionMNISTDataModule, MNISTDataModule
+from lightning_kd.data.synthetic import DataFreeDataModule, SampleIndices
 
 __all__ = [
     "CIFAR10DataModule",
     "CIFAR100DataModule",
+    "DataFreeDataModule",
     "DigitsDataModule",
     "EpochSeededSampler",
     "FashionMNISTDataModule",
@@ -18,6 +20,7 @@ __all__ = [
     "IndexedDataModule",
     "IndexedDataset",
     "MNISTDataModule",
+    "SampleIndices",
     "SplitDataModule",
     "split_indices",
 ]

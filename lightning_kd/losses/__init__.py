@@ -6,7 +6,9 @@ in :mod:`lightning_kd.losses.feature` and relation/embedding losses in
 """
 
 from lightning_kd.losses.contrastive import contrast_scores, crd_loss, nce_loss, nce_normalizer
+from lightning_kd.losses.datafree import batch_moments, bn_statistics_loss, logit_l1_discrepancy
 from lightning_kd.losses.feature import at_loss, fitnet_loss, logsum_distance, nst_loss
+from lightning_kd.losses.feature_extra import ab_loss, fsp_loss, fsp_matrix, ft_loss, pool_to_common_size, vid_loss
 from lightning_kd.losses.feature_fusion import hcl_loss, ofd_loss, ofd_margin, ofd_margin_from_bn
 from lightning_kd.losses.logit import (
     cosine_lambda,
@@ -39,6 +41,15 @@ __all__ = [
     "fitnet_loss",
     "logsum_distance",
     "nst_loss",
+    "ab_loss",
+    "fsp_loss",
+    "fsp_matrix",
+    "ft_loss",
+    "pool_to_common_size",
+    "vid_loss",
+    "batch_moments",
+    "bn_statistics_loss",
+    "logit_l1_discrepancy",
     "hcl_loss",
     "ofd_loss",
     "ofd_margin",

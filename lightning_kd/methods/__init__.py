@@ -5,15 +5,20 @@
 
 from __future__ import annotations
 
+from lightning_kd.methods.ab import AB
 from lightning_kd.methods.at import AT
 from lightning_kd.methods.base import Batch, DistillationModule, LogitDistillationModule, ModelOutput
 from lightning_kd.methods.cc import CC
 from lightning_kd.methods.crd import CRD
 from lightning_kd.methods.ctkd import CTKD
+from lightning_kd.methods.datafree import DataFreeKD
 from lightning_kd.methods.dist import DIST
 from lightning_kd.methods.dkd import DKD
 from lightning_kd.methods.dml import DML, OnlineDistillationModule
 from lightning_kd.methods.fitnet import FitNet
+from lightning_kd.methods.fsp import FSP
+from lightning_kd.methods.ft import FT
+from lightning_kd.methods.init_phase import InitPhaseDistillation
 from lightning_kd.methods.kd import KD
 from lightning_kd.methods.kdcl import KDCL
 from lightning_kd.methods.mlkd import MLKD
@@ -30,11 +35,12 @@ from lightning_kd.methods.sp import SP
 from lightning_kd.methods.srd import SRD
 from lightning_kd.methods.supervised import Supervised
 from lightning_kd.methods.tfkd import TfKDSelf, TfKDVirtual
+from lightning_kd.methods.vid import VID
 from lightning_kd.models.registry import suggest
 
 METHODS: dict[str, type[DistillationModule]] = {cls.__name__: cls for cls in (
     Supervised, KD, DKD, DIST, CTKD, NormKD, RLD, MLKD, TfKDSelf, TfKDVirtual, MultiTeacherKD, DML, KDCL,
-    FitNet, AT, SP, PKT, RKD, NST, CC, ProjectorKD, SRD, OFD, ReviewKD, CRD)}
+    DataFreeKD, FitNet, AT, SP, PKT, RKD, NST, CC, VID, FSP, AB, FT, ProjectorKD, SRD, OFD, ReviewKD, CRD)}
 
 
 def list_methods() -> list[str]:
@@ -51,6 +57,7 @@ def get_method(name: str) -> type[DistillationModule]:
     return METHODS[name]
 
 
-__all__ = ["Batch", "DistillationModule", "LogitDistillationModule", "ModelOutput", "OnlineDistillationModule",
+__all__ = ["Batch", "DistillationModule", "LogitDistillationModule", "ModelOutput", "InitPhaseDistillation",
+           "OnlineDistillationModule",
            "get_method", "list_methods",
            *METHODS]

@@ -1,6 +1,8 @@
 """Device-resident data: batched crop/flip/normalise equal torchvision's per-sample pipeline view for view and in
 distribution; views are a function of (seed, epoch, index); the data modules serve them through a Trainer."""
 
+import json
+
 import pytest
 import torch
 from PIL import Image
@@ -185,3 +187,19 @@ def test_a_dataset_without_a_data_array_is_a_clear_error():
 
     with pytest.raises(ValueError, match="no `data` array.*device_resident=False"):
         uint8_arrays(object())
+
+
+def test_the_cli_trains_on_device_resident_data_with_the_teacher_cache(tmp_path):
+    """The README's command line: device-resident Fashion-MNIST and the cache callback added by class path."""
+    from lightning_kd.cli import main
+
+    write_idx(tmp_path / "src")
+    cache = tmp_path / "cache"
+    main(["fit", "--data", "FashionMNISTDataModule", "--data.data_dir", str(tmp_path), "--data.source_dir",
+          str(tmp_path / "src"), "--data.device_resident", "true", "--data.batch_size", "4", "--model", "KD",
+          "--model.student", "cnn_tiny", "--model.teacher", "cnn_small", "--trainer.max_epochs", "2",
+          "--trainer.limit_val_batches", "1", "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
+          "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
+          "--trainer.callbacks+=lightning_kd.cache.TeacherOutputCache", "--trainer.callbacks.path", str(cache)])
+    meta = json.loads((cache / "meta.json").read_text())
+    assert (meta["epochs"], meta["num_samples"], meta["num_classes"]) == (2, 20, 10)

@@ -1,6 +1,7 @@
 """The teacher–student base: freezing, checkpoints, weights loading, logging, errors, resume, precision."""
 
 import copy
+import csv
 
 import lightning as L
 import pytest
@@ -248,6 +249,32 @@ def test_deferred_finite_check_names_the_first_bad_step(monkeypatch, log_every_n
     with pytest.raises(FloatingPointError, match=r"global step 2; non-finite losses: ce, kd"):
         trainer.fit(model, loader(images, torch.arange(48) % 10))
     assert trainer.global_step == stops_at
+
+
+def test_losses_are_logged_on_the_steps_loggers_write_and_at_the_end(tmp_path, monkeypatch):
+    """14 steps of 6 per epoch with log_every_n_steps=4: logged at steps 4, 8, 12 (the logger's), 6, 12 (epoch ends)
+    and 14 (the last); the CSV holds the logger's steps with the values of those steps."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    model = KD(student="mlp", teacher="mlp", num_classes=10, in_chans=1)
+    logged_at = []
+    original = KD.distillation_losses
+
+    def record(self, batch, student_out, teacher_out):
+        losses = original(self, batch, student_out, teacher_out)
+        if self.logs_this_step(self.trainer.fit_loop.epoch_loop.batch_idx):
+            logged_at.append((self.global_step + 1, round(losses["kd"].item(), 6)))
+        return losses
+
+    monkeypatch.setattr(KD, "distillation_losses", record)
+    trainer = make_trainer(max_steps=14, log_every_n_steps=4, logger=CSVLogger(tmp_path))
+    trainer.fit(model, loader(torch.randn(48, 1, 8, 8), torch.arange(48) % 10))
+    assert [step for step, _ in logged_at] == [4, 6, 8, 12, 14]
+    rows = [r for r in csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()) if r.get("train/loss_kd")]
+    assert [int(r["step"]) + 1 for r in rows] == [4, 8, 12]
+    values = dict(logged_at)
+    assert [round(float(r["train/loss_kd"]), 5) for r in rows] == [round(values[s], 5) for s in (4, 8, 12)]
+    assert torch.isfinite(trainer.callback_metrics["train/loss_kd"])
 
 
 def test_unknown_method_and_model_names_suggest_the_closest():
