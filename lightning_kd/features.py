@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_kd.data.base import first_input
 from lightning_kd.models.base import ZooModel
 
 INPUT_SUFFIX = ":input"
@@ -199,16 +200,6 @@ def feature_shapes(model: nn.Module, layers: Sequence[str], input_shape: Sequenc
     return {name: feature.shape for name, feature in features.items()}
 
 
-def _first_input(sample: Any) -> Tensor | None:
-    if isinstance(sample, Tensor):
-        return sample
-    if isinstance(sample, dict):
-        return sample.get("input")
-    if isinstance(sample, (list, tuple)) and sample and isinstance(sample[0], Tensor):
-        return sample[0]
-    return getattr(sample, "input", None)
-
-
 def infer_input_shape(trainer: Any, stage: str = "fit") -> tuple[int, ...]:
     """Shape of one input sample (without the batch dimension) of the data the ``trainer`` runs ``stage`` on:
     item 0 of the data loader's data set when it has one, else the first batch."""
@@ -226,9 +217,9 @@ def infer_input_shape(trainer: Any, stage: str = "fit") -> tuple[int, ...]:
     if loader is not None:
         dataset = getattr(loader, "dataset", None)
         try:
-            sample_input = _first_input(dataset[0])
+            sample_input = first_input(dataset[0])
         except (TypeError, IndexError, KeyError, NotImplementedError):
-            batch = _first_input(next(iter(loader)))
+            batch = first_input(next(iter(loader)))
             sample_input = None if batch is None else batch[0]
     if sample_input is None:
         raise ValueError(f"could not read an input sample from the {stage} data to infer the feature shapes: pass "

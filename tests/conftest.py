@@ -1,6 +1,7 @@
 import lightning as L
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_kd.data import DigitsDataModule
 from lightning_kd.models import create_model
@@ -26,6 +27,19 @@ def teacher_in_train_mode() -> torch.nn.Module:
     teacher = create_model("cnn_small", num_classes=10, in_chans=1)
     assert teacher.training
     return teacher
+
+
+def random_loader(num_classes: int, samples: int = 8, batch_size: int = 4) -> DataLoader:
+    """Random 3×32×32 images with random labels (fixed seed)."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(samples, 3, 32, 32, generator=generator)
+    return DataLoader(TensorDataset(images, torch.randint(0, num_classes, (samples,), generator=generator)),
+                      batch_size=batch_size)
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of ``module``'s state."""
+    return {k: v.clone() for k, v in module.state_dict().items()}
 
 
 def value_and_grad(fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

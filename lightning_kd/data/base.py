@@ -45,6 +45,18 @@ def split_indices(num_samples: int, fractions: tuple[float, ...], seed: int) -> 
     return parts + [order[start:]]
 
 
+def first_input(sample: Any) -> torch.Tensor | None:
+    """The input tensor of one sample or batch: the tensor itself, a dict's ``"input"``, a tuple's first item or an
+    object's ``input`` attribute; ``None`` when there is none."""
+    if isinstance(sample, torch.Tensor):
+        return sample
+    if isinstance(sample, dict):
+        return sample.get("input")
+    if isinstance(sample, (list, tuple)) and sample and isinstance(sample[0], torch.Tensor):
+        return sample[0]
+    return getattr(sample, "input", None)
+
+
 def default_num_workers() -> int:
     """Loader processes when none are asked for: one per CPU core, at most 8."""
     return min(8, os.cpu_count() or 1)
@@ -205,3 +217,55 @@ def uint8_arrays(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     images = torch.as_tensor(data)
     images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)
     return images.contiguous(), torch.as_tensor(dataset.targets, dtype=torch.long)
+
+
+class WrapperDataModule(L.LightningDataModule):
+    """A data module built around another, ``datamodule``: everything is the wrapped module's (its ``num_classes``
+    and ``in_chans`` too, so the CLI links them) unless a subclass changes it."""
+
+    def __init__(self, datamodule: L.LightningDataModule):
+        super().__init__()
+        # LightningCLI gives a data module built inside another one the outer module's hyper-parameters
+        # ({"_class_path": <outer class>, "datamodule": {"class_path": ..., "init_args": {...}}}): restore its own
+        given = getattr(datamodule, "hparams", {})
+        nested = given.get("datamodule") if str(given.get("_class_path", "")).endswith(type(self).__name__) else None
+        if isinstance(nested, dict) and isinstance(nested.get("init_args"), dict):
+            datamodule.hparams.clear()
+            datamodule.hparams.update(nested["init_args"])
+        self.datamodule = datamodule
+
+    @property
+    def num_classes(self) -> int | None:
+        return getattr(self.datamodule, "num_classes", None)
+
+    @property
+    def in_chans(self) -> int:
+        return getattr(self.datamodule, "in_chans", 3)
+
+    def prepare_data(self) -> None:
+        self.datamodule.prepare_data()
+
+    def setup(self, stage: str | None = None) -> None:
+        self.datamodule.trainer = self.trainer
+        self.datamodule.setup(stage)
+
+    def train_dataloader(self) -> Any:
+        return self.datamodule.train_dataloader()
+
+    def val_dataloader(self) -> Any:
+        return self.datamodule.val_dataloader()
+
+    def test_dataloader(self) -> Any:
+        return self.datamodule.test_dataloader()
+
+    def predict_dataloader(self) -> Any:
+        return self.datamodule.predict_dataloader()
+
+    def teardown(self, stage: str | None = None) -> None:
+        self.datamodule.teardown(stage)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.datamodule.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.datamodule.load_state_dict(state_dict)

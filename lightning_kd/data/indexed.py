@@ -18,12 +18,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 
-from lightning_kd.data.base import TransformedSubset
+from lightning_kd.data.base import TransformedSubset, WrapperDataModule
 
 
 class IndexedDataset(Dataset):
@@ -72,7 +71,7 @@ def dataset_targets(dataset: Dataset) -> Tensor:
                         dtype=torch.long)
 
 
-class IndexedDataModule(L.LightningDataModule):
+class IndexedDataModule(WrapperDataModule):
     """``datamodule`` with ``(input, target, index)`` training batches: its training split is wrapped in an
     :class:`IndexedDataset` after its ``setup``; everything else is the wrapped module's.
 
@@ -82,61 +81,18 @@ class IndexedDataModule(L.LightningDataModule):
         --data lightning_kd.data.IndexedDataModule --data.datamodule lightning_kd.data.CIFAR100DataModule
     """
 
-    def __init__(self, datamodule: L.LightningDataModule):
-        super().__init__()
-        self.datamodule = datamodule
-        # LightningCLI gives a data module built inside another one the outer module's hyper-parameters
-        # ({"_class_path": <this class>, "datamodule": {"class_path": ..., "init_args": {...}}}): restore its own
-        given = getattr(datamodule, "hparams", {})
-        nested = given.get("datamodule") if given.get("_class_path", "").endswith(type(self).__name__) else None
-        if isinstance(nested, dict) and isinstance(nested.get("init_args"), dict):
-            datamodule.hparams.clear()
-            datamodule.hparams.update(nested["init_args"])
-
-    @property
-    def num_classes(self) -> int:
-        return self.datamodule.num_classes
-
-    @property
-    def in_chans(self) -> int:
-        return getattr(self.datamodule, "in_chans", 3)
-
     @property
     def datasets(self) -> dict[str, Dataset]:
         return self.datamodule.datasets
 
-    def prepare_data(self) -> None:
-        self.datamodule.prepare_data()
-
     def setup(self, stage: str | None = None) -> None:
-        self.datamodule.setup(stage)
+        super().setup(stage)
         datasets = getattr(self.datamodule, "datasets", None)
         if not isinstance(datasets, dict) or "train" not in datasets:
             raise TypeError(f"IndexedDataModule needs a data module that keeps its splits in a 'datasets' dict with a "
                             f"'train' entry (as SplitDataModule does); {type(self.datamodule).__name__} does not: wrap "
                             "its training data set in lightning_kd.data.IndexedDataset instead")
         datasets["train"] = with_indices(datasets["train"])
-
-    def train_dataloader(self) -> DataLoader:
-        return self.datamodule.train_dataloader()
-
-    def val_dataloader(self) -> Any:
-        return self.datamodule.val_dataloader()
-
-    def test_dataloader(self) -> Any:
-        return self.datamodule.test_dataloader()
-
-    def predict_dataloader(self) -> Any:
-        return self.datamodule.predict_dataloader()
-
-    def teardown(self, stage: str | None = None) -> None:
-        self.datamodule.teardown(stage)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.datamodule.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.datamodule.load_state_dict(state_dict)
 
 
 __all__ = ["IndexedDataModule", "IndexedDataset", "dataset_targets", "with_indices"]

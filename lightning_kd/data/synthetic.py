@@ -28,6 +28,8 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_kd.data.base import WrapperDataModule, first_input
+
 
 class SampleIndices(Dataset):
     """``length`` items, item ``i`` being the integer ``i``: stand-ins for training samples that do not exist."""
@@ -44,17 +46,7 @@ class SampleIndices(Dataset):
         return index
 
 
-def _first_input(sample: Any) -> Tensor | None:
-    if isinstance(sample, Tensor):
-        return sample
-    if isinstance(sample, dict):
-        return sample.get("input")
-    if isinstance(sample, (list, tuple)) and sample and isinstance(sample[0], Tensor):
-        return sample[0]
-    return None
-
-
-class DataFreeDataModule(L.LightningDataModule):
+class DataFreeDataModule(WrapperDataModule):
     """Training batches of sample indices (``batch_size`` each, ``steps_per_epoch`` per epoch) and the validation,
     test and prediction loaders of ``datamodule``, whose training split is never asked for.
 
@@ -72,34 +64,14 @@ class DataFreeDataModule(L.LightningDataModule):
     """
 
     def __init__(self, datamodule: L.LightningDataModule, batch_size: int = 256, steps_per_epoch: int = 50):
-        super().__init__()
         if batch_size < 1 or steps_per_epoch < 1:
             raise ValueError(f"batch_size and steps_per_epoch must be positive, got {batch_size} and {steps_per_epoch}")
-        # LightningCLI gives a data module built inside another one the outer module's hyper-parameters
-        # ({"_class_path": <this class>, "datamodule": {"class_path": ..., "init_args": {...}}}): restore its own
-        given = getattr(datamodule, "hparams", {})
-        nested = given.get("datamodule") if str(given.get("_class_path", "")).endswith(type(self).__name__) else None
-        if isinstance(nested, dict) and isinstance(nested.get("init_args"), dict):
-            datamodule.hparams.clear()
-            datamodule.hparams.update(nested["init_args"])
+        super().__init__(datamodule)
         self.save_hyperparameters(ignore=["datamodule"])
-        self.datamodule = datamodule
         self.input_shape: tuple[int, ...] | None = None
 
-    @property
-    def num_classes(self) -> int | None:
-        return getattr(self.datamodule, "num_classes", None)
-
-    @property
-    def in_chans(self) -> int:
-        return getattr(self.datamodule, "in_chans", 3)
-
-    def prepare_data(self) -> None:
-        self.datamodule.prepare_data()
-
     def setup(self, stage: str | None = None) -> None:
-        self.datamodule.trainer = self.trainer
-        self.datamodule.setup(stage)
+        super().setup(stage)
         if self.input_shape is None and stage in (None, "fit", "validate"):
             self.input_shape = self._validation_input_shape()
 
@@ -111,33 +83,15 @@ class DataFreeDataModule(L.LightningDataModule):
         loader = loader[0] if isinstance(loader, (list, tuple)) and loader else loader
         dataset = getattr(loader, "dataset", None)
         try:
-            sample = _first_input(dataset[0])
+            sample = first_input(dataset[0])
         except (TypeError, IndexError, KeyError, NotImplementedError):
-            batch = _first_input(next(iter(loader), None))
+            batch = first_input(next(iter(loader), None))
             sample = None if batch is None else batch[0]
         return None if sample is None else tuple(int(size) for size in sample.shape)
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
         return DataLoader(SampleIndices(hp.batch_size * hp.steps_per_epoch), batch_size=hp.batch_size)
-
-    def val_dataloader(self) -> Any:
-        return self.datamodule.val_dataloader()
-
-    def test_dataloader(self) -> Any:
-        return self.datamodule.test_dataloader()
-
-    def predict_dataloader(self) -> Any:
-        return self.datamodule.predict_dataloader()
-
-    def teardown(self, stage: str | None = None) -> None:
-        self.datamodule.teardown(stage)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.datamodule.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.datamodule.load_state_dict(state_dict)
 
 
 def batch_size_of(batch: Any) -> int:

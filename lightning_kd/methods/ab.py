@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_kd.features import feature_shapes, stage_names
+from lightning_kd.features import stage_names
 from lightning_kd.losses.feature_extra import ab_loss
 from lightning_kd.methods.base import Batch
 from lightning_kd.methods.init_phase import InitPhaseDistillation
@@ -65,13 +65,7 @@ class AB(InitPhaseDistillation):
         self.connectors: nn.ModuleList | None = None
         self.init_projection(input_shape)
 
-    def _build_projection_for(self, input_shape: Sequence[int]) -> None:
-        # the base sizes one pair of hooked features; AB connects every pair
-        self.build_connectors(list(feature_shapes(self.student, self.student_layers, input_shape).values()),
-                              list(feature_shapes(self.teacher, self.teacher_layers, input_shape).values()))
-        self._projection_pending = False
-
-    def build_connectors(self, student_shapes: list[torch.Size], teacher_shapes: list[torch.Size]) -> None:
+    def build_projections(self, student_shapes: list[torch.Size], teacher_shapes: list[torch.Size]) -> None:
         """One connector per stage pair, from the hooked features' shapes."""
         self.connectors = nn.ModuleList(boundary_connector(s, t) for s, t in zip(student_shapes, teacher_shapes))
 

@@ -183,7 +183,8 @@ class DistillationModule(L.LightningModule):
         """For methods whose trainable parts are sized by their hooked student and teacher feature (one each): build
         them now from a dry run on inputs of ``input_shape``, or, when it is ``None``, in :meth:`setup` from the
         first sample of the data, storing the shape in ``hparams.input_shape`` so that ``load_from_checkpoint``
-        rebuilds them before their weights load. The method implements :meth:`build_projection`."""
+        rebuilds them before their weights load. The method implements :meth:`build_projection` (one feature each)
+        or :meth:`build_projections` (several)."""
         self._projection_pending = input_shape is None
         if input_shape is not None:
             self._build_projection_for(input_shape)
@@ -192,10 +193,19 @@ class DistillationModule(L.LightningModule):
         """Build the method's trainable parts for features of these shapes (batch dimension first)."""
         raise NotImplementedError(f"{type(self).__name__} calls init_projection but does not define build_projection")
 
+    def build_projections(self, student_shapes: list[torch.Size], teacher_shapes: list[torch.Size]) -> None:
+        """Build the method's trainable parts for all its hooked features, in the order of ``student_layers`` and
+        ``teacher_layers``. By default, for one feature each, :meth:`build_projection`; methods that hook several
+        layers override this one instead."""
+        if len(student_shapes) != 1 or len(teacher_shapes) != 1:
+            raise NotImplementedError(f"{type(self).__name__} hooks {len(student_shapes)} student and "
+                                      f"{len(teacher_shapes)} teacher layers but defines build_projection for one each: "
+                                      "define build_projections")
+        self.build_projection(student_shapes[0], teacher_shapes[0])
+
     def _build_projection_for(self, input_shape: Sequence[int]) -> None:
-        student_shape, = feature_shapes(self.student, self.student_layers, input_shape).values()
-        teacher_shape, = feature_shapes(self.teacher, self.teacher_layers, input_shape).values()
-        self.build_projection(student_shape, teacher_shape)
+        self.build_projections(list(feature_shapes(self.student, self.student_layers, input_shape).values()),
+                               list(feature_shapes(self.teacher, self.teacher_layers, input_shape).values()))
         self._projection_pending = False
 
     def _input(self, x: Tensor) -> Tensor:

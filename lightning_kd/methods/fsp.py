@@ -5,7 +5,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_kd.features import feature_shapes, stage_names
+from lightning_kd.features import stage_names
 from lightning_kd.losses.feature_extra import fsp_loss, fsp_matrix
 from lightning_kd.methods.base import Batch
 from lightning_kd.methods.init_phase import InitPhaseDistillation
@@ -53,13 +53,7 @@ class FSP(InitPhaseDistillation):
         self.connectors: nn.ModuleList | None = None
         self.init_projection(input_shape)
 
-    def _build_projection_for(self, input_shape: Sequence[int]) -> None:
-        # the base sizes one pair of hooked features; FSP connects every pair
-        self.build_connectors(list(feature_shapes(self.student, self.student_layers, input_shape).values()),
-                              list(feature_shapes(self.teacher, self.teacher_layers, input_shape).values()))
-        self._projection_pending = False
-
-    def build_connectors(self, student_shapes: list[torch.Size], teacher_shapes: list[torch.Size]) -> None:
+    def build_projections(self, student_shapes: list[torch.Size], teacher_shapes: list[torch.Size]) -> None:
         """A channel connector per stage where the counts differ (identity elsewhere)."""
         for layer, shape in zip([*self.student_layers, *self.teacher_layers], [*student_shapes, *teacher_shapes]):
             if len(shape) != 4:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_kd.features import INPUT_SUFFIX, check_layers, feature_shapes, stage_names
+from lightning_kd.features import INPUT_SUFFIX, check_layers, stage_names
 from lightning_kd.losses.feature_fusion import ofd_loss, ofd_margin_from_bn
 from lightning_kd.methods.base import Batch, DistillationModule, ModelOutput
 from lightning_kd.nn.projectors import ConvBN
@@ -163,13 +163,7 @@ class OFD(DistillationModule):
                                  "feeds the teacher layer's ReLU")
         return names
 
-    def _build_projection_for(self, input_shape: Sequence[int]) -> None:
-        student_shapes = feature_shapes(self.student, self.student_layers, input_shape)
-        teacher_shapes = feature_shapes(self.teacher, self.teacher_layers, input_shape)
-        self.build_stages(list(student_shapes.values()), list(teacher_shapes.values()))
-        self._projection_pending = False
-
-    def build_stages(self, student_shapes: list[torch.Size], teacher_shapes: list[torch.Size]) -> None:
+    def build_projections(self, student_shapes: list[torch.Size], teacher_shapes: list[torch.Size]) -> None:
         """One connector per stage from the feature shapes, and the teacher margins as buffers ``margin_<i>``."""
         connectors = []
         for i, (student_shape, teacher_shape, bn_name) in enumerate(zip(student_shapes, teacher_shapes,

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_kd.features import embedding_name, feature_shapes, stage_names
+from lightning_kd.features import embedding_name, stage_names
 from lightning_kd.losses.feature_fusion import hcl_loss
 from lightning_kd.methods.base import Batch, DistillationModule, LogitDistillationModule, ModelOutput
 from lightning_kd.methods.ofd import keep_activation_inputs, paired_stages, preact_stage_layers
@@ -67,13 +67,7 @@ class ReviewKD(DistillationModule):
         self.fusion: ReviewFusion | None = None
         self.init_projection(input_shape)
 
-    def _build_projection_for(self, input_shape: Sequence[int]) -> None:
-        student_shapes = feature_shapes(self.student, self.student_layers, input_shape)
-        teacher_shapes = feature_shapes(self.teacher, self.teacher_layers, input_shape)
-        self.build_fusion(list(student_shapes.values()), list(teacher_shapes.values()))
-        self._projection_pending = False
-
-    def build_fusion(self, student_shapes: list[torch.Size], teacher_shapes: list[torch.Size]) -> None:
+    def build_projections(self, student_shapes: list[torch.Size], teacher_shapes: list[torch.Size]) -> None:
         """The fusion modules, from the shapes of the hooked features (batch dimension first)."""
         self.fusion = ReviewFusion(student_shapes, teacher_shapes, self.hparams.max_mid_channels)
 

@@ -5,7 +5,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_kd.features import feature_shapes
 from lightning_kd.losses.feature_extra import pool_to_common_size, vid_loss
 from lightning_kd.methods.base import Batch, DistillationModule, ModelOutput
 from lightning_kd.nn.adapters import VIDRegressor
@@ -42,13 +41,7 @@ class VID(DistillationModule):
         self.regressors: nn.ModuleList | None = None
         self.init_projection(input_shape)
 
-    def _build_projection_for(self, input_shape: Sequence[int]) -> None:
-        # the base sizes one pair of hooked features; VID regresses every pair
-        self.build_regressors(list(feature_shapes(self.student, self.student_layers, input_shape).values()),
-                              list(feature_shapes(self.teacher, self.teacher_layers, input_shape).values()))
-        self._projection_pending = False
-
-    def build_regressors(self, student_shapes: list[torch.Size], teacher_shapes: list[torch.Size]) -> None:
+    def build_projections(self, student_shapes: list[torch.Size], teacher_shapes: list[torch.Size]) -> None:
         """One regressor per stage pair, from the hooked features' shapes."""
         for layer, shape in zip([*self.student_layers, *self.teacher_layers], [*student_shapes, *teacher_shapes]):
             if len(shape) != 4:

@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import make_trainer
+from conftest import make_trainer, snapshot
 from lightning_kd.cli import export_student
 from lightning_kd.data import DigitsDataModule
 from lightning_kd.methods import KD, DistillationModule, Supervised, get_method
@@ -27,9 +27,6 @@ class ModeRecorder(Callback):
     def on_fit_start(self, trainer, pl_module):
         pl_module.teacher.register_forward_pre_hook(lambda module, args: self.teacher_modes.append(module.training))
 
-
-def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in module.state_dict().items()}
 
 
 def test_teacher_is_frozen_and_in_eval_mode_through_fit(digits, teacher_in_train_mode):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from conftest import make_trainer
+from conftest import make_trainer, snapshot
 from lightning_kd.cli import main
 from lightning_kd.data import DigitsDataModule
 from lightning_kd.data.synthetic import DataFreeDataModule
@@ -25,9 +25,6 @@ from lightning_kd.nn.generator import ImageGenerator
 ROOT = Path(__file__).resolve().parents[2]
 SMALL_GENERATOR = {"latent_dim": 32, "generator_width": 8}
 
-
-def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in module.state_dict().items()}
 
 
 def changed(before: dict[str, torch.Tensor], module: nn.Module) -> bool:

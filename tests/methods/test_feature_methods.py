@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import make_trainer
+from conftest import make_trainer, random_loader, snapshot
 from lightning_kd.losses import (
     at_loss,
     cc_loss,
@@ -35,15 +35,6 @@ TIMM_LAYERS = {"FitNet": ["layer2"], "AT": ["layer1", "layer2", "layer3", "layer
                "RKD": ["fc:input"], "CC": ["fc:input"], "ProjectorKD": ["fc:input"], "SRD": ["fc:input"]}
 
 
-def random_loader(num_classes: int, samples: int = 8, batch_size: int = 4) -> DataLoader:
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(samples, 3, 32, 32, generator=generator)
-    return DataLoader(TensorDataset(images, torch.randint(0, num_classes, (samples,), generator=generator)),
-                      batch_size=batch_size)
-
-
-def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in module.state_dict().items()}
 
 
 def test_registry_lists_every_feature_method():

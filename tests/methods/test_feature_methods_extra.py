@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import make_trainer
+from conftest import make_trainer, random_loader, snapshot
 from lightning_kd.data import DigitsDataModule
 from lightning_kd.losses.feature_extra import ab_loss, fsp_loss, fsp_matrix, ft_loss, vid_loss
 from lightning_kd.methods.ab import AB
@@ -54,15 +54,6 @@ def build(name: str, **kwargs):
         return METHODS[name](**kwargs)
 
 
-def random_loader(num_classes: int, samples: int = 8, batch_size: int = 4) -> DataLoader:
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(samples, 3, 32, 32, generator=generator)
-    return DataLoader(TensorDataset(images, torch.randint(0, num_classes, (samples,), generator=generator)),
-                      batch_size=batch_size)
-
-
-def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in module.state_dict().items()}
 
 
 def changed(module: nn.Module, before: dict[str, torch.Tensor]) -> bool:

@@ -12,12 +12,11 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import assert_matches_naive, make_trainer
+from conftest import assert_matches_naive, make_trainer, random_loader
 from lightning_kd.data.mixing import Mixing
 from lightning_kd.losses import kd_loss
-from lightning_kd.methods import KD, Batch, ModelOutput
+from lightning_kd.methods import Batch, ModelOutput
 from lightning_kd.methods.multiteacher import MultiTeacherKD, MultiTeacherOutput, combine_teachers, confidence_weights
 from lightning_kd.models import create_model
 
@@ -220,12 +219,6 @@ def test_validation_measures_the_combined_teacher(digits):
 
 
 # --------------------------------------------------------------------------------------- out of the box
-def random_loader(num_classes: int, samples: int = 8, batch_size: int = 4) -> DataLoader:
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(samples, 3, 32, 32, generator=generator)
-    return DataLoader(TensorDataset(images, torch.randint(0, num_classes, (samples,), generator=generator)),
-                      batch_size=batch_size)
-
 
 @pytest.mark.parametrize("pair", ["digits", "resnet", "timm"])
 def test_trains_out_of_the_box(pair, digits):

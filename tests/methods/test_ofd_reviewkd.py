@@ -9,9 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import make_trainer
+from conftest import make_trainer, random_loader
 from lightning_kd.losses.feature_fusion import hcl_loss, ofd_loss, ofd_margin_from_bn
 from lightning_kd.methods import Batch
 from lightning_kd.methods.ofd import OFD
@@ -37,12 +36,6 @@ LAYERS = {
     ("ReviewKD", "timm"): (["layer1", "layer2", "layer3", "layer4", "fc:input"], TIMM_PREACT["teacher"] + ["fc:input"]),
 }
 
-
-def random_loader(num_classes: int, samples: int = 8, batch_size: int = 4) -> DataLoader:
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(samples, 3, 32, 32, generator=generator)
-    return DataLoader(TensorDataset(images, torch.randint(0, num_classes, (samples,), generator=generator)),
-                      batch_size=batch_size)
 
 
 def build(name: str, pair: str, **kwargs):

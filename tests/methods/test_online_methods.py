@@ -13,9 +13,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import make_trainer
+from conftest import make_trainer, random_loader, snapshot
 from lightning_kd.cli import main
 from lightning_kd.losses import kd_loss
 from lightning_kd.losses.online import mean_logit_ensemble, min_logit_ensemble, mutual_learning_losses
@@ -28,15 +27,6 @@ ROOT = Path(__file__).resolve().parents[2]
 METHODS = {"DML": (DML, "kl"), "KDCL": (KDCL, "kd")}
 
 
-def random_loader(num_classes: int, samples: int = 8, batch_size: int = 4) -> DataLoader:
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(samples, 3, 32, 32, generator=generator)
-    return DataLoader(TensorDataset(images, torch.randint(0, num_classes, (samples,), generator=generator)),
-                      batch_size=batch_size)
-
-
-def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in module.state_dict().items()}
 
 
 def digits_peers(method, peers=("cnn_small",), **kwargs):
