@@ -1,9 +1,10 @@
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_kd.data import DigitsDataModule
+from lightning_kd.data import CIFAR10DataModule, DigitsDataModule
 from lightning_kd.models import create_model
 
 
@@ -62,3 +63,63 @@ def assert_matches_naive(fn_code, fn_naive, x64: torch.Tensor, rtol: float = 1e-
     scale = max(ref_grad.abs().max().item(), grad_floor)
     torch.testing.assert_close(grad.double(), ref_grad, rtol=rtol, atol=1e-4 * scale)
     assert grad.abs().sum() > 0
+
+
+def hooked_features(model: torch.nn.Module, names: list[str], x: torch.Tensor) -> list[torch.Tensor]:
+    """Outputs of ``names`` (inputs, cloned, for ``name:input``) recorded with plain forward hooks in one pass: an
+    independent check of :func:`lightning_kd.features.capture_features`."""
+    modules, out, handles = dict(model.named_modules()), {}, []
+    for name in names:
+        if name.endswith(":input"):
+            hook = lambda m, args, name=name: out.__setitem__(name, args[0].clone())  # noqa: E731
+            handles.append(modules[name[:-len(":input")]].register_forward_pre_hook(hook))
+        else:
+            hook = lambda m, args, output, name=name: out.__setitem__(name, output)  # noqa: E731
+            handles.append(modules[name].register_forward_hook(hook))
+    model(x)
+    for handle in handles:
+        handle.remove()
+    return [out[name] for name in names]
+
+
+def assert_parts_checkpointed(trainer: L.Trainer, model, state: dict[str, torch.Tensor], tmp_path):
+    """A method's trainable parts (``state``, checkpoint keys to tensors) are in its checkpoint, the teacher is not,
+    the exported student is the student alone, and ``load_from_checkpoint`` (with the input shape stored at setup)
+    restores parts and student. Returns the checkpoint and the restored model."""
+    trainer.save_checkpoint(tmp_path / "method.ckpt")
+    checkpoint = torch.load(tmp_path / "method.ckpt", weights_only=True)
+    assert tuple(checkpoint["hyper_parameters"]["input_shape"]) == (1, 8, 8)
+    saved = checkpoint["state_dict"]
+    assert state and all(torch.equal(saved[k], v) for k, v in state.items())
+    assert not any(k.startswith("teacher.") for k in saved)
+    model.export_student(tmp_path / "student.pt")
+    assert set(torch.load(tmp_path / "student.pt", weights_only=True)) == set(model.student.state_dict())
+    restored = type(model).load_from_checkpoint(tmp_path / "method.ckpt")
+    for key, value in {**state, **{f"student.{k}": v for k, v in model.student.state_dict().items()}}.items():
+        assert torch.equal(restored.state_dict()[key], value), key
+    return checkpoint, restored
+
+
+class RandomSplit:
+    """A split as torchvision's CIFAR keeps it: ``data`` (N×32×32×3 uint8) and ``targets``, random (fixed seed)."""
+
+    def __init__(self, n: int, seed: int, num_classes: int = 10):
+        generator = np.random.default_rng(seed)
+        self.data = generator.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        self.targets = generator.integers(0, num_classes, n).tolist()
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+class RandomCIFAR10(CIFAR10DataModule):
+    """The CIFAR-10 data module on ``num_train`` / ``num_test`` random images held in memory (the device-resident
+    path reads only the splits' ``data`` and ``targets``)."""
+
+    num_train, num_test = 24, 8
+
+    def prepare_data(self) -> None:
+        pass
+
+    def load_split(self, train: bool) -> RandomSplit:
+        return RandomSplit(self.num_train if train else self.num_test, seed=int(train))

@@ -8,30 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_trainer
+from conftest import RandomCIFAR10, make_trainer
 from lightning_kd.cache import TeacherOutputCache, expand_top_k
-from lightning_kd.data import CIFAR10DataModule
 from lightning_kd.methods import KD, Batch, FitNet
-
-
-class Split:
-    """A split as torchvision's CIFAR keeps it: ``data`` (N×32×32×3 uint8) and ``targets``."""
-
-    def __init__(self, n: int, seed: int):
-        generator = np.random.default_rng(seed)
-        self.data = generator.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-        self.targets = generator.integers(0, 10, n).tolist()
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-
-class RandomCIFAR10(CIFAR10DataModule):
-    def prepare_data(self) -> None:
-        pass
-
-    def load_split(self, train: bool) -> Split:
-        return Split(24 if train else 8, seed=int(train))
 
 
 def data(**kwargs) -> RandomCIFAR10:

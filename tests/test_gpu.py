@@ -4,35 +4,19 @@ names the bad step. Skipped without CUDA (they run on GPU machines with ``pytest
 
 import warnings
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import make_trainer
+from conftest import RandomCIFAR10, make_trainer
 from lightning_kd.cache import TeacherOutputCache
-from lightning_kd.data import CIFAR10DataModule
 from lightning_kd.data.device import Augmentation, DeviceBatches
 from lightning_kd.methods import KD, Batch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-class RandomSplit:
-    def __init__(self, n: int, seed: int):
-        rng = np.random.default_rng(seed)
-        self.data = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-        self.targets = rng.integers(0, 10, n).tolist()
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-
-class RandomCIFAR10(CIFAR10DataModule):
-    def prepare_data(self) -> None:
-        pass
-
-    def load_split(self, train: bool) -> RandomSplit:
-        return RandomSplit(512 if train else 64, seed=int(train))
+class RandomCIFAR10Batches(RandomCIFAR10):
+    num_train, num_test = 512, 64
 
 
 def gpu_trainer(**kwargs):
@@ -61,7 +45,7 @@ def test_bf16_channels_last_compile_and_fused_sgd_train():
     model = kd(channels_last=True, compile=True)
     teacher_before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
     trainer = gpu_trainer(max_epochs=1, limit_val_batches=2, precision="bf16-mixed")
-    trainer.fit(model, datamodule=RandomCIFAR10(batch_size=64, device_resident=True))
+    trainer.fit(model, datamodule=RandomCIFAR10Batches(batch_size=64, device_resident=True))
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert 0 <= trainer.callback_metrics["val/acc"] <= 1
     assert trainer.optimizers[0].defaults["fused"] is True
@@ -87,7 +71,7 @@ def test_training_steps_never_wait_for_the_host():
         warnings.simplefilter("always")
         trainer = gpu_trainer(max_steps=6, limit_val_batches=0, precision="bf16-mixed", log_every_n_steps=1000,
                               callbacks=[SyncWatch()])
-        trainer.fit(model, datamodule=RandomCIFAR10(batch_size=64, device_resident=True))
+        trainer.fit(model, datamodule=RandomCIFAR10Batches(batch_size=64, device_resident=True))
     torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower() and "prototype" not in
              str(w.message)]
@@ -98,7 +82,7 @@ def test_cache_replays_the_live_teacher_on_the_device(tmp_path):
     model = kd()
     cache = TeacherOutputCache(tmp_path / "cache")
     trainer = gpu_trainer(max_epochs=1, limit_val_batches=0, callbacks=[cache])
-    trainer.fit(model, datamodule=RandomCIFAR10(batch_size=64, device_resident=True))
+    trainer.fit(model, datamodule=RandomCIFAR10Batches(batch_size=64, device_resident=True))
     batches = trainer.train_dataloader
     model.cuda()  # Trainer.fit hands the model back on the CPU
     index = torch.arange(0, 512, 37, device="cuda")
@@ -111,7 +95,7 @@ def test_cache_replays_the_live_teacher_on_the_device(tmp_path):
 
 def test_deferred_finite_check_stops_a_cuda_run_naming_the_step():
     model = kd()
-    data = RandomCIFAR10(batch_size=64, device_resident=True)
+    data = RandomCIFAR10Batches(batch_size=64, device_resident=True)
     original = DeviceBatches.views
 
     def poisoned(self, indices, epoch=None):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import make_trainer, random_loader, snapshot
+from conftest import assert_parts_checkpointed, hooked_features, make_trainer, random_loader, snapshot
 from lightning_kd.losses import (
     at_loss,
     cc_loss,
@@ -66,23 +66,6 @@ def test_trains_out_of_the_box(name, pair, digits):
         assert tuple(model.hparams.input_shape) == ((1, 8, 8) if pair == "digits" else (3, 32, 32))
 
 
-def manual_features(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Outputs (or, for ``name:input``, inputs) of ``names`` recorded with plain hooks in one forward pass."""
-    modules, out = dict(model.named_modules()), {}
-    handles = []
-    for name in names:
-        if name.endswith(":input"):
-            hook = lambda m, args, name=name: out.__setitem__(name, args[0])  # noqa: E731
-            handles.append(modules[name[:-6]].register_forward_pre_hook(hook))
-        else:
-            hook = lambda m, args, output, name=name: out.__setitem__(name, output)  # noqa: E731
-            handles.append(modules[name].register_forward_hook(hook))
-    model(x)
-    for handle in handles:
-        handle.remove()
-    return [out[name] for name in names]
-
-
 def expected_loss(name, model, s, t, s_logits, t_logits):
     """The method's weighted losses from the functional losses, on manually hooked features."""
     if name == "FitNet":
@@ -122,9 +105,9 @@ def test_loss_is_the_functional_loss_on_the_hooked_features(name):
     student_out, teacher_out = model.forward_student(batch), model.forward_teacher(batch)
     assert list(student_out.features) == ZOO_LAYERS[name]
     losses = model.distillation_losses(batch, student_out, teacher_out)
-    s = manual_features(model.student, ZOO_LAYERS[name], x)
+    s = hooked_features(model.student, ZOO_LAYERS[name], x)
     with torch.no_grad():
-        t = manual_features(model.teacher, ZOO_LAYERS[name], x)
+        t = hooked_features(model.teacher, ZOO_LAYERS[name], x)
     expected = expected_loss(name, model, s, t, student_out.logits, teacher_out.logits)
     assert set(losses) == set(expected) == LOSS_NAMES[name]
     for key, value in expected.items():
@@ -164,20 +147,8 @@ def test_projector_is_optimized_checkpointed_restored_and_not_exported(name, dig
     projector_params = {id(p) for p in model.projector.parameters()}
     optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     assert projector_params and projector_params <= optimized
-    trainer.save_checkpoint(tmp_path / "method.ckpt")
-    checkpoint = torch.load(tmp_path / "method.ckpt", weights_only=True)
-    assert tuple(checkpoint["hyper_parameters"]["input_shape"]) == (1, 8, 8)
-    saved = checkpoint["state_dict"]
     projector_state = {f"projector.{k}": v for k, v in model.projector.state_dict().items()}
-    assert projector_state and all(torch.equal(saved[k], v) for k, v in projector_state.items())
-    model.export_student(tmp_path / "student.pt")
-    exported = torch.load(tmp_path / "student.pt", weights_only=True)
-    assert set(exported) == set(model.student.state_dict())
-    restored = get_method(name).load_from_checkpoint(tmp_path / "method.ckpt")
-    for key, value in projector_state.items():
-        assert torch.equal(restored.state_dict()[key], value), key
-    for key, value in model.student.state_dict().items():
-        assert torch.equal(restored.student.state_dict()[key], value), key
+    assert_parts_checkpointed(trainer, model, projector_state, tmp_path)
 
 
 def test_projector_is_built_at_init_from_an_input_shape():

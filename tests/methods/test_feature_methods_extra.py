@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import make_trainer, random_loader, snapshot
+from conftest import assert_parts_checkpointed, hooked_features, make_trainer, random_loader, snapshot
 from lightning_kd.data import DigitsDataModule
 from lightning_kd.losses.feature_extra import ab_loss, fsp_loss, fsp_matrix, ft_loss, vid_loss
 from lightning_kd.methods.ab import AB
@@ -111,17 +111,6 @@ def test_trains_out_of_the_box(name, pair, digits):
 
 
 # ------------------------------------------------------------------------------------------- losses as specified
-def manual_features(model: nn.Module, names: list[str], x: torch.Tensor) -> list[torch.Tensor]:
-    modules, out, handles = dict(model.named_modules()), {}, []
-    for name in names:
-        hook = lambda m, args, output, name=name: out.__setitem__(name, output)  # noqa: E731
-        handles.append(modules[name].register_forward_hook(hook))
-    model(x)
-    for handle in handles:
-        handle.remove()
-    return [out[name] for name in names]
-
-
 def test_vid_loss_is_the_functional_loss_on_the_hooked_features():
     torch.manual_seed(0)
     model = VID(student="resnet8x4", teacher="resnet32x4", num_classes=100, input_shape=(3, 32, 32))
@@ -131,9 +120,9 @@ def test_vid_loss_is_the_functional_loss_on_the_hooked_features():
     batch = Batch(x, torch.randint(0, 100, (4,)))
     student_out, teacher_out = model.forward_student(batch), model.forward_teacher(batch)
     losses = model.distillation_losses(batch, student_out, teacher_out)
-    s = manual_features(model.student, ZOO_LAYERS["VID"], x)
+    s = hooked_features(model.student, ZOO_LAYERS["VID"], x)
     with torch.no_grad():
-        t = manual_features(model.teacher, ZOO_LAYERS["VID"], x)
+        t = hooked_features(model.teacher, ZOO_LAYERS["VID"], x)
     expected = sum(vid_loss(r(a), b, r.variance()) for r, a, b in zip(model.regressors, s, t))
     assert set(losses) == {"vid"}
     torch.testing.assert_close(losses["vid"], expected)
@@ -168,11 +157,11 @@ def test_ft_losses_are_the_functional_losses_on_the_hooked_features():
     x = torch.randn(4, 3, 32, 32)
     batch = Batch(x, torch.randint(0, 100, (4,)))
     with torch.no_grad():
-        t, = manual_features(model.teacher, ["layer3"], x)
+        t, = hooked_features(model.teacher, ["layer3"], x)
     init = model.init_losses(batch)
     torch.testing.assert_close(init["reconstruction"], F.mse_loss(model.paraphraser(t)[1], t))
     student_out, teacher_out = model.forward_student(batch), model.forward_teacher(batch)
-    s, = manual_features(model.student, ["layer3"], x)
+    s, = hooked_features(model.student, ["layer3"], x)
     losses = model.distillation_losses(batch, student_out, teacher_out)
     expected = 200.0 * ft_loss(model.translator(s), model.paraphraser.encode(t), 1.0, 2.0)
     torch.testing.assert_close(losses["ft"], expected)
@@ -190,9 +179,9 @@ def test_ab_init_loss_is_the_stage_weighted_functional_loss():
     batch = Batch(x, torch.randint(0, 100, (4,)))
     model.train()
     loss = model.init_losses(batch)
-    s = manual_features(model.student, model.student_layers, x)
+    s = hooked_features(model.student, model.student_layers, x)
     with torch.no_grad():
-        t = manual_features(model.teacher, model.teacher_layers, x)
+        t = hooked_features(model.teacher, model.teacher_layers, x)
     expected = 3e-3 * (0.25 * ab_loss(s[0], t[0]) + 0.5 * ab_loss(s[1], t[1]) + ab_loss(s[2], t[2]))
     assert set(loss) == {"ab"}
     torch.testing.assert_close(loss["ab"], expected)
@@ -210,9 +199,9 @@ def test_fsp_init_loss_is_the_functional_loss_over_consecutive_stages():
     batch = Batch(x, torch.randint(0, 100, (4,)))
     model.train()
     loss = model.init_losses(batch)
-    s = manual_features(model.student, ZOO_LAYERS["FSP"], x)
+    s = hooked_features(model.student, ZOO_LAYERS["FSP"], x)
     with torch.no_grad():
-        t = manual_features(model.teacher, ZOO_LAYERS["FSP"], x)
+        t = hooked_features(model.teacher, ZOO_LAYERS["FSP"], x)
     expected = sum(fsp_loss(fsp_matrix(s[i], s[i + 1]), fsp_matrix(t[i], t[i + 1])) for i in range(3))
     assert set(loss) == {"fsp"}
     torch.testing.assert_close(loss["fsp"], expected)
@@ -255,20 +244,8 @@ def test_trainable_parts_are_optimized_checkpointed_restored_and_not_exported(na
     assert all(parameter_ids(part) for part in parts)
     optimized = record.params[0] | record.params[1]
     assert parameter_ids(*parts) <= optimized, "every trainable part is optimized in its phase"
-    trainer.save_checkpoint(tmp_path / "method.ckpt")
-    checkpoint = torch.load(tmp_path / "method.ckpt", weights_only=True)
-    assert tuple(checkpoint["hyper_parameters"]["input_shape"]) == (1, 8, 8)
-    saved = checkpoint["state_dict"]
     state = {f"{part}.{k}": v for part in PARTS[name] for k, v in getattr(model, part).state_dict().items()}
-    assert state and all(torch.equal(saved[k], v) for k, v in state.items())
-    assert not any(k.startswith("teacher.") for k in saved)
-    model.export_student(tmp_path / "student.pt")
-    assert set(torch.load(tmp_path / "student.pt", weights_only=True)) == set(model.student.state_dict())
-    restored = METHODS[name].load_from_checkpoint(tmp_path / "method.ckpt")
-    for key, value in state.items():
-        assert torch.equal(restored.state_dict()[key], value), key
-    for key, value in model.student.state_dict().items():
-        assert torch.equal(restored.student.state_dict()[key], value), key
+    checkpoint, restored = assert_parts_checkpointed(trainer, model, state, tmp_path)
     if name in INIT_METHODS:
         assert checkpoint["init_phase_done"] and restored.init_phase_done
         frozen = restored.frozen_after_init()[0]

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import make_trainer, random_loader
+from conftest import assert_parts_checkpointed, hooked_features, make_trainer, random_loader
 from lightning_kd.losses.feature_fusion import hcl_loss, ofd_loss, ofd_margin_from_bn
 from lightning_kd.methods import Batch
 from lightning_kd.methods.ofd import OFD
@@ -41,22 +41,6 @@ LAYERS = {
 def build(name: str, pair: str, **kwargs):
     student, teacher, num_classes, in_chans = PAIRS[pair]
     return METHODS[name](student=student, teacher=teacher, num_classes=num_classes, in_chans=in_chans, **kwargs)
-
-
-def hooked(model: nn.Module, names: list[str], x: torch.Tensor) -> list[torch.Tensor]:
-    """Outputs of ``names`` (inputs, cloned, for ``name:input``) recorded with plain hooks in one forward pass."""
-    modules, out, handles = dict(model.named_modules()), {}, []
-    for name in names:
-        if name.endswith(":input"):
-            hook = lambda m, args, name=name: out.__setitem__(name, args[0].clone())  # noqa: E731
-            handles.append(modules[name[:-6]].register_forward_pre_hook(hook))
-        else:
-            hook = lambda m, args, output, name=name: out.__setitem__(name, output)  # noqa: E731
-            handles.append(modules[name].register_forward_hook(hook))
-    model(x)
-    for handle in handles:
-        handle.remove()
-    return [out[name] for name in names]
 
 
 def randomize_batchnorms(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -105,7 +89,7 @@ def test_teacher_features_are_taken_before_the_relu(pair, stages):
     x = torch.randn(2, *((1, 8, 8) if pair == "digits" else (3, 32, 32)))
     features = model.forward_teacher(Batch(x, torch.zeros(2, dtype=torch.long))).features
     with torch.no_grad():
-        outputs = hooked(model.teacher, list(stages.values()), x)
+        outputs = hooked_features(model.teacher, list(stages.values()), x)
     for layer, output in zip(stages, outputs):
         assert (features[layer] < 0).any(), f"{layer} holds no negative value: it was captured after the ReLU"
         torch.testing.assert_close(F.relu(features[layer]), output)
@@ -136,9 +120,9 @@ def test_ofd_loss_is_the_weighted_sum_of_the_functional_losses():
     x = torch.randn(4, 3, 32, 32)
     batch = Batch(x, torch.randint(0, 100, (4,)))
     losses = model.distillation_losses(batch, model.forward_student(batch), model.forward_teacher(batch))
-    student_feats = hooked(model.student, ZOO_PREACT["student"], x)
+    student_feats = hooked_features(model.student, ZOO_PREACT["student"], x)
     with torch.no_grad():
-        teacher_feats = hooked(model.teacher, ZOO_PREACT["teacher"], x)
+        teacher_feats = hooked_features(model.teacher, ZOO_PREACT["teacher"], x)
     terms = [ofd_loss(connector(s), t, margin)
              for connector, s, t, margin in zip(model.connectors, student_feats, teacher_feats, model.margins)]
     expected = 1e-3 * (terms[0] / 4 + terms[1] / 2 + terms[2])
@@ -163,9 +147,9 @@ def test_reviewkd_loss_is_the_ramped_sum_of_hcl_losses(monkeypatch):
     x = torch.randn(4, 3, 32, 32)
     batch = Batch(x, torch.randint(0, 100, (4,)))
     student_out, teacher_out = model.forward_student(batch), model.forward_teacher(batch)
-    student_feats = hooked(model.student, LAYERS["ReviewKD", "resnet"][0], x)
+    student_feats = hooked_features(model.student, LAYERS["ReviewKD", "resnet"][0], x)
     with torch.no_grad():
-        teacher_feats = hooked(model.teacher, LAYERS["ReviewKD", "resnet"][1], x)
+        teacher_feats = hooked_features(model.teacher, LAYERS["ReviewKD", "resnet"][1], x)
     teacher_feats[-1] = teacher_feats[-1][:, :, None, None]
     full = sum(hcl_loss(f, t) for f, t in zip(model.fusion(student_feats), teacher_feats))
     for epoch, ramp in ((0, 1 / 20), (9, 10 / 20), (19, 1.0), (100, 1.0)):
@@ -217,22 +201,10 @@ def test_trainable_parts_are_optimized_checkpointed_restored_and_not_exported(na
     params = {id(p) for p in module.parameters()}
     optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     assert params and params <= optimized
-    trainer.save_checkpoint(tmp_path / "method.ckpt")
-    checkpoint = torch.load(tmp_path / "method.ckpt", weights_only=True)
-    assert tuple(checkpoint["hyper_parameters"]["input_shape"]) == (1, 8, 8)
     state = {f"{part}.{k}": v for k, v in module.state_dict().items()}
     if name == "OFD":
         state["margin_0"] = model.margin_0
-    saved = checkpoint["state_dict"]
-    assert all(torch.equal(saved[k], v) for k, v in state.items())
-    assert not any(k.startswith("teacher.") for k in saved)
-    model.export_student(tmp_path / "student.pt")
-    assert set(torch.load(tmp_path / "student.pt", weights_only=True)) == set(model.student.state_dict())
-    restored = METHODS[name].load_from_checkpoint(tmp_path / "method.ckpt")
-    for key, value in state.items():
-        assert torch.equal(restored.state_dict()[key], value), key
-    for key, value in model.student.state_dict().items():
-        assert torch.equal(restored.student.state_dict()[key], value), key
+    assert_parts_checkpointed(trainer, model, state, tmp_path)
 
 
 def test_bad_input_is_a_clear_error():
