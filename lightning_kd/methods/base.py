@@ -27,11 +27,13 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode a
 
 @dataclass
 class Batch:
-    """One batch: ``input``, integer class ``target`` and, when the data provides it, the samples' ``index``."""
+    """One batch: ``input``, integer class ``target`` and, when the data provides them, the samples' ``index`` and
+    further ``views`` of the same samples by name (e.g. ``"strong"``, a strongly augmented view)."""
 
     input: Tensor
     target: Tensor
     index: Tensor | None = None
+    views: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -248,7 +250,7 @@ class DistillationModule(L.LightningModule):
         if isinstance(batch, Batch):
             return batch
         if isinstance(batch, dict):
-            return Batch(batch["input"], batch["target"], batch.get("index"))
+            return Batch(batch["input"], batch["target"], batch.get("index"), dict(batch.get("views") or {}))
         return Batch(*batch[:3])
 
     def _check_targets(self, target: Tensor, batch_idx: int) -> None:
@@ -482,7 +484,7 @@ class LogitDistillationModule(DistillationModule):
         images, mixing = mix_images(batch.input, self.hparams.mix, self.hparams.mix_alpha)
         self.mixing = mixing
         try:
-            return super().training_step(Batch(images, batch.target, batch.index), batch_idx)
+            return super().training_step(Batch(images, batch.target, batch.index, batch.views), batch_idx)
         finally:
             self.mixing = None
 
