@@ -2,39 +2,72 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from lightning_kd.losses import kd_loss
 from lightning_kd.losses.logit_extra import mlkd_loss
 from lightning_kd.methods.base import Batch, LogitDistillationModule, ModelOutput
 
 
 class MLKD(LogitDistillationModule):
-    """Multi-level logit distillation (Jin et al., "Multi-Level Logit Distillation", CVPR 2023), on one view.
+    """Multi-level logit distillation (Jin et al., "Multi-Level Logit Distillation", CVPR 2023).
 
-    ``loss = ce_weight · CE + kd_weight · Σ_T [f_B · (T² · KL + batch-correlation term) + f_C · class-correlation
-    term]``: instance-level KD and the alignment of the teacher's and student's sample-by-sample (B × B) and
-    class-by-class (C × C) prediction correlations, summed over the temperatures 2–6, with the official confidence
-    masks, which scale the instance and batch terms by the kept fraction of samples ``f_B`` and the class term by
-    the kept fraction of classes ``f_C`` (about 1/2 each; see :func:`lightning_kd.losses.logit_extra.mlkd_loss`
-    for the reductions).
+    One view (the batch the data module gives): ``loss = ce_weight · CE + kd_weight · Σ_T [f_B · (T² · KL +
+    batch-correlation term) + f_C · class-correlation term]`` (``"ce"`` and ``"mlkd"``): instance-level KD and the
+    alignment of the teacher's and student's sample-by-sample (B × B) and class-by-class (C × C) prediction
+    correlations, summed over the temperatures 2–6, with the official confidence masks, which scale the instance and
+    batch terms by the kept fraction of samples ``f_B`` and the class term by the kept fraction of classes ``f_C``
+    (about 1/2 each; see :func:`lightning_kd.losses.logit_extra.mlkd_loss` for the reductions). This is also the
+    single-view variant that the RLD authors use as their MLKD baseline without augmentation (``MLKD_NOAUG`` in
+    ``zju-SWJ/RLD``).
 
-    Views: the official method trains on a weak and a strong (RandAugment) view of each batch, with CE on both and
-    an extra unmasked instance KD on the strong view. This class trains on the batch the data module gives, as one
-    view: the loss is the official weak-view loss, which is also the single-view variant that the RLD authors use
-    as their MLKD baseline without augmentation (``MLKD_NOAUG`` in ``zju-SWJ/RLD``). Defaults temperatures
-    (2, 3, 4, 5, 6), kd_weight 0.9 for all three levels and CE 0.1 are the official CIFAR-100 setting (the KD
-    configuration of ``Jin-Ying/Multi-Level-Logit-Distillation``).
+    Two views, the official method (``KD_ours.forward_train`` of ``Jin-Ying/Multi-Level-Logit-Distillation``), when
+    ``batch.views`` holds a ``"strong"`` (RandAugment) view of the same samples, as
+    :class:`~lightning_kd.data.views.StrongViewDataModule` gives: teacher and student also run on the strong view
+    (the teacher frozen, through :meth:`forward_teacher`), and two terms join the weak-view ones above:
+    ``"mlkd_strong" = kd_weight · Σ_T T² · KL``, an unmasked instance KD, and ``"ce_strong" = ce_weight ·
+    CE(strong)``. The official code takes the ``T²·KL`` of the temperatures 3, 4 and 5 on the strong view and those of
+    2 and 6 on the weak view (``strong_temperatures``); it computes correlation terms on the strong view but leaves
+    them out of the loss, so they are not computed here. The masks come from the teacher's weak-view predictions.
+    KL is summed over classes and averaged over the batch, the CE terms are batch means.
+
+    Defaults temperatures (2, 3, 4, 5, 6), kd_weight 0.9 for every level and view and CE 0.1 are the official
+    CIFAR-100 setting (``CFG.KD`` of the official code: temperature 4 plus 2, 3, 5, 6; ``KD_WEIGHT`` 0.9,
+    ``CE_WEIGHT`` 0.1).
 
     Args:
         temperatures: the temperatures the losses are summed over.
         kd_weight: weight of the multi-level term (each level alike, as in the official code).
-        ce_weight: weight of the cross-entropy with the labels.
+        ce_weight: weight of the cross-entropy with the labels (on each view).
+        strong_temperatures: with a strong view, the temperatures (among ``temperatures``) whose unmasked instance
+            KD reads the strong view; the others read the weak view. ``temperatures`` puts every one on the strong
+            view.
     """
 
     def __init__(self, *args, temperatures: tuple[float, ...] = (2.0, 3.0, 4.0, 5.0, 6.0), kd_weight: float = 0.9,
-                 ce_weight: float = 0.1, **kwargs):
+                 ce_weight: float = 0.1, strong_temperatures: tuple[float, ...] = (3.0, 4.0, 5.0), **kwargs):
+        unknown = {float(t) for t in strong_temperatures} - {float(t) for t in temperatures}
+        if unknown:
+            raise ValueError(f"strong_temperatures {sorted(unknown)} are not among temperatures "
+                             f"{tuple(temperatures)}: choose strong_temperatures from temperatures")
         super().__init__(*args, ce_weight=ce_weight, **kwargs)
 
     def distillation_losses(self, batch: Batch, student_out: ModelOutput,
                             teacher_out: ModelOutput) -> dict[str, Tensor]:
+        hp = self.hparams
         student_logits, teacher_logits = self.distillation_logits(student_out, teacher_out)
-        return {"mlkd": self.hparams.kd_weight * mlkd_loss(student_logits, teacher_logits,
-                                                           self.hparams.temperatures)}
+        losses = {"mlkd": hp.kd_weight * mlkd_loss(student_logits, teacher_logits, hp.temperatures)}
+        strong = batch.views.get("strong")
+        if strong is None:
+            return losses
+        if self.mixing is not None or self.replay_teacher is not None:
+            raise ValueError("MLKD's strong view needs the teacher to see it and is not mixed: with a strong view, set "
+                             "mix=None and drop the teacher-output cache")
+        strong_batch = Batch(strong, batch.target, batch.index)
+        teacher_strong = self.forward_teacher(strong_batch)
+        student_strong = self.forward_student(strong_batch)
+        student_strong_logits, teacher_strong_logits = self.distillation_logits(student_strong, teacher_strong)
+        on_strong = {float(t) for t in hp.strong_temperatures}
+        instance = sum(kd_loss(student_strong_logits, teacher_strong_logits, float(t)) if float(t) in on_strong
+                       else kd_loss(student_logits, teacher_logits, float(t)) for t in hp.temperatures)
+        losses["mlkd_strong"] = hp.kd_weight * instance
+        losses["ce_strong"] = hp.ce_weight * self.cross_entropy(student_strong.logits, batch.target)
+        return losses
