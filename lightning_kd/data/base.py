@@ -242,6 +242,11 @@ class WrapperDataModule(L.LightningDataModule):
     def in_chans(self) -> int:
         return getattr(self.datamodule, "in_chans", 3)
 
+    @property
+    def datasets(self) -> dict[str, Dataset]:
+        """The wrapped module's splits (empty when it keeps none)."""
+        return getattr(self.datamodule, "datasets", {})
+
     def prepare_data(self) -> None:
         self.datamodule.prepare_data()
 

@@ -81,10 +81,6 @@ class IndexedDataModule(WrapperDataModule):
         --data lightning_kd.data.IndexedDataModule --data.datamodule lightning_kd.data.CIFAR100DataModule
     """
 
-    @property
-    def datasets(self) -> dict[str, Dataset]:
-        return self.datamodule.datasets
-
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
         datasets = getattr(self.datamodule, "datasets", None)

@@ -168,10 +168,6 @@ class StrongViewDataModule(WrapperDataModule):
                              "the accelerator, but the strong view needs the per-sample pipeline of PIL images: set "
                              "device_resident=False")
 
-    @property
-    def datasets(self) -> dict[str, Dataset]:
-        return self.datamodule.datasets
-
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
         datasets = getattr(self.datamodule, "datasets", None)
