@@ -203,3 +203,74 @@ def test_the_cli_trains_on_device_resident_data_with_the_teacher_cache(tmp_path)
           "--trainer.callbacks+=lightning_kd.cache.TeacherOutputCache", "--trainer.callbacks.path", str(cache)])
     meta = json.loads((cache / "meta.json").read_text())
     assert (meta["epochs"], meta["num_samples"], meta["num_classes"]) == (2, 20, 10)
+
+
+DDP_SCRIPT = '''
+import json, sys
+import lightning as L
+import numpy as np
+from lightning_kd.cache import TeacherOutputCache
+from lightning_kd.data import CIFAR10DataModule
+from lightning_kd.methods import KD
+
+
+class Split:
+    def __init__(self, n, seed):
+        rng = np.random.default_rng(seed)
+        self.data = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        self.targets = rng.integers(0, 10, n).tolist()
+
+    def __len__(self):
+        return len(self.targets)
+
+
+class Data(CIFAR10DataModule):
+    def prepare_data(self):
+        pass
+
+    def load_split(self, train):
+        return Split(32 if train else 8, int(train))
+
+
+class Seen(L.Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append([trainer.current_epoch, batch[2].tolist()])
+
+    def on_train_end(self, trainer, pl_module):
+        with open(f"{sys.argv[1]}/rank{trainer.global_rank}.json", "w") as f:
+            json.dump(self.seen, f)
+
+
+L.seed_everything(0)
+model = KD(student="resnet8", teacher="resnet8", num_classes=10)
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, limit_val_batches=1, logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                    callbacks=[Seen(), TeacherOutputCache(f"{sys.argv[1]}/cache")])
+trainer.fit(model, datamodule=Data(batch_size=4, device_resident=True))
+'''
+
+
+@pytest.mark.ddp
+def test_two_processes_share_the_device_resident_data_and_one_teacher_cache(tmp_path):
+    """Under 2-process DDP each epoch's samples are split between the processes without overlap, with the same
+    number of steps each, and the cache is built once (by rank 0) and replayed by both."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "device_ddp.py"
+    script.write_text(DDP_SCRIPT)
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, cwd=root,
+                            timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert len(seen[0]) == len(seen[1]) == 8  # 2 epochs × 16 samples per process / batch 4
+    for epoch in range(2):
+        parts = [{i for e, batch in ranks for i in batch if e == epoch} for ranks in seen]
+        assert not parts[0] & parts[1] and parts[0] | parts[1] == set(range(32))
+    meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
+    assert (meta["epochs"], meta["num_samples"]) == (2, 32)
