@@ -44,6 +44,13 @@ def fingerprint(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def data_fingerprint(images: Tensor, targets: Tensor) -> str:
+    """SHA-1 of a whole data set's images and targets."""
+    digest = hashlib.sha1(images.cpu().contiguous().numpy().tobytes())
+    digest.update(targets.cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def expand_top_k(logprobs: Tensor, indices: Tensor | None, num_classes: int) -> Tensor:
     """Full ``B × num_classes`` logits from top-``k`` log-probabilities: the given classes keep theirs, the others
     share the remaining probability mass evenly (a floor of 1e-8 keeps the logits finite)."""
@@ -77,6 +84,7 @@ class TeacherOutputCache(L.Callback):
         self._logprobs: np.ndarray | None = None
         self._indices: np.ndarray | None = None
         self._epoch_outputs: tuple[int, Tensor, Tensor | None] | None = None
+        self._batches: DeviceBatches | None = None
         self.num_classes = 0
         #: seconds the last build took (``None`` when the cache was reused)
         self.build_seconds: float | None = None
@@ -99,6 +107,7 @@ class TeacherOutputCache(L.Callback):
             self._build(trainer, pl_module, batches, meta)
         trainer.strategy.barrier("teacher_output_cache")
         self._open()
+        self._batches = batches
         pl_module.replay_teacher = self.replay
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -121,7 +130,7 @@ class TeacherOutputCache(L.Callback):
               epochs: int) -> dict[str, Any]:
         k = self.num_classes if self.top_k is None else min(self.top_k, self.num_classes)
         return {"teacher": fingerprint(pl_module.teacher), "num_samples": len(batches.targets),
-                "images": hashlib.sha1(batches.images[:64].cpu().numpy().tobytes()).hexdigest(),
+                "data": data_fingerprint(batches.images, batches.targets),
                 "num_classes": self.num_classes, "top_k": k, "seed": batches.seed, "epochs": epochs,
                 "padding": batches.augmentation.padding, "flip": batches.augmentation.flip,
                 "mean": list(batches.mean), "std": list(batches.std), "precision": str(trainer.precision)}
@@ -190,18 +199,15 @@ class TeacherOutputCache(L.Callback):
         if batch.index is None:
             raise ValueError("replaying teacher outputs needs the sample indices in every batch: use a data module "
                              "with device_resident=True")
-        if epoch is None:
-            epoch = self._current_epoch
+        if epoch is None:  # the epoch of the views being served (also after a resume in the middle of an epoch)
+            epoch = self._batches.epoch
         logprobs, indices = self.outputs(epoch, batch.index.device)
         index = batch.index
         return expand_top_k(logprobs.index_select(0, index),
                             None if indices is None else indices.index_select(0, index), self.num_classes)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._current_epoch = trainer.current_epoch
-        self.outputs(trainer.current_epoch, pl_module.device)
-
-    _current_epoch = 0
+        self.outputs(trainer.current_epoch, pl_module.device)  # loaded before the first step of the epoch
 
 
-__all__ = ["TeacherOutputCache", "expand_top_k", "fingerprint"]
+__all__ = ["TeacherOutputCache", "data_fingerprint", "expand_top_k", "fingerprint"]

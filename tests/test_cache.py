@@ -103,3 +103,30 @@ def test_clear_errors_for_per_sample_data_and_feature_methods(tmp_path):
     fitnet = FitNet(student="resnet8", teacher="resnet8", num_classes=10, input_shape=(3, 32, 32))
     with pytest.raises(ValueError, match="replays logits only"):
         make_trainer(max_steps=1, callbacks=[TeacherOutputCache(tmp_path)]).fit(fitnet, datamodule=data())
+
+
+def test_a_run_resumed_in_the_middle_of_an_epoch_replays_that_epochs_views(tmp_path):
+    """Lightning skips `on_train_epoch_start` when it resumes mid-epoch: the replayed epoch must still be the one
+    whose views the data serves."""
+    import lightning as L
+
+    class SaveAt(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 4:  # epoch 1, after its first batch
+                trainer.save_checkpoint(tmp_path / "mid.ckpt")
+
+    class Spy(TeacherOutputCache):
+        def outputs(self, epoch, device):
+            self.seen.append((epoch, self._trainer_ref.current_epoch))
+            return super().outputs(epoch, device)
+
+        def on_train_start(self, trainer, pl_module):
+            self.seen, self._trainer_ref = [], trainer
+            super().on_train_start(trainer, pl_module)
+
+    make_trainer(max_epochs=2, limit_val_batches=0, callbacks=[TeacherOutputCache(tmp_path / "cache"), SaveAt()]).fit(
+        kd(), datamodule=data())
+    spy = Spy(tmp_path / "cache")
+    make_trainer(max_epochs=2, limit_val_batches=0, callbacks=[spy]).fit(kd(), datamodule=data(),
+                                                                         ckpt_path=tmp_path / "mid.ckpt")
+    assert spy.seen == [(1, 1), (1, 1)]  # the two remaining steps of epoch 1 replay epoch 1 (before the fix: 0)
