@@ -116,6 +116,11 @@ class OFD(DistillationModule):
     the captured input keeps its values). The margin's BatchNorm is found from the layer
     (:func:`preact_batchnorm`); name layers and BatchNorms explicitly for other models.
 
+    The teacher runs in eval mode, as every teacher here: its pre-ReLU features are normalised with its running
+    BatchNorm statistics. The official code and mdistiller run the teacher in train mode, normalising with each
+    batch's statistics (whose channels then have exactly mean β and std |γ|, the margin's assumption) and updating
+    the running statistics as they go.
+
     Args:
         ofd_weight: weight of the summed stage losses.
         ce_weight: weight of the cross-entropy with the labels.
