@@ -156,7 +156,13 @@ def capture_features(model: nn.Module, layers: Sequence[str]) -> Iterator[dict[s
         return lambda module, args, output: captured[layer].append(output)
 
     def input_hook(layer: str):
-        return lambda module, args: captured[layer].append(args[0] if args else None)
+        def hook(module: nn.Module, args: tuple) -> None:
+            value = args[0] if args else None
+            # an in-place module (e.g. ReLU(inplace=True)) would overwrite the captured input with its output
+            if getattr(module, "inplace", False) and isinstance(value, Tensor):
+                value = value.clone()
+            captured[layer].append(value)
+        return hook
 
     try:
         for layer in layers:

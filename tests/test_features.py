@@ -154,3 +154,14 @@ def test_feature_shapes_dry_run_leaves_modes_and_statistics_alone():
     assert {name: m.training for name, m in model.named_modules()} == modes
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key]), key
+
+
+def test_the_input_of_an_in_place_module_is_captured_before_it_is_overwritten():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 2))
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    with capture_features(model, ["1:input", "1"]) as features:
+        model(x)
+    pre = model[0](x)
+    assert (pre < 0).any()
+    torch.testing.assert_close(features["1:input"], pre)
+    torch.testing.assert_close(features["1"], pre.relu())

@@ -67,16 +67,6 @@ def preact_batchnorm(model: nn.Module, layer: str) -> str | None:
     return candidates[-1] if candidates else None
 
 
-def keep_activation_inputs(model: nn.Module, layers: Sequence[str]) -> None:
-    """Turn off ``inplace`` on the activations whose input is captured (``name:input``): an in-place ReLU would
-    overwrite the captured pre-activation tensor with its output."""
-    for layer in layers:
-        if layer.endswith(INPUT_SUFFIX):
-            module = model.get_submodule(_module_name(layer))
-            if getattr(module, "inplace", False):
-                module.inplace = False
-
-
 def paired_stages(student: list[str] | None, teacher: list[str] | None, default_student: list[str],
                   default_teacher: list[str], method: str) -> tuple[list[str], list[str]]:
     """Student and teacher layers paired in order. Defaults of different lengths keep the deepest stages of the
@@ -112,8 +102,8 @@ class OFD(DistillationModule):
     built, and saved with them.
 
     Pre-ReLU features come from ``stage_names(preact=True)`` for registered models; for timm models and registered
-    models without that list, from the input of each stage's last ``nn.ReLU`` (whose ``inplace`` is turned off so
-    the captured input keeps its values). The margin's BatchNorm is found from the layer
+    models without that list, from the input of each stage's last ``nn.ReLU`` (copied before an in-place ReLU
+    overwrites it). The margin's BatchNorm is found from the layer
     (:func:`preact_batchnorm`); name layers and BatchNorms explicitly for other models.
 
     The teacher runs in eval mode, as every teacher here: its pre-ReLU features are normalised with its running
@@ -142,8 +132,6 @@ class OFD(DistillationModule):
         default_student = [] if student_layers is not None else preact_stage_layers(self.student, "student", "OFD")
         default_teacher = [] if teacher_layers is not None else preact_stage_layers(self.teacher, "teacher", "OFD")
         self.use_features(*paired_stages(student_layers, teacher_layers, default_student, default_teacher, "OFD"))
-        keep_activation_inputs(self.student, self.student_layers)
-        keep_activation_inputs(self.teacher, self.teacher_layers)
         self.teacher_bns = self._margin_batchnorms(teacher_bns)
         self.connectors: nn.ModuleList | None = None
         self.init_projection(input_shape)

@@ -8,7 +8,7 @@ from torch import Tensor
 from lightning_kd.features import embedding_name, stage_names
 from lightning_kd.losses.feature_fusion import hcl_loss
 from lightning_kd.methods.base import Batch, DistillationModule, LogitDistillationModule, ModelOutput
-from lightning_kd.methods.ofd import keep_activation_inputs, paired_stages, preact_stage_layers
+from lightning_kd.methods.ofd import paired_stages, preact_stage_layers
 from lightning_kd.nn.review import ReviewFusion, as_map
 
 
@@ -31,8 +31,8 @@ class ReviewKD(DistillationModule):
     pair (5 for resnet32x4 → resnet8x4 in both the official script and mdistiller's config); set it in the config.
 
     Teacher pre-ReLU features come from ``stage_names(preact=True)`` for registered models and, for timm models,
-    from the input of each stage's last ``nn.ReLU``, whose ``inplace`` is turned off so the captured input keeps its
-    values (see :func:`~lightning_kd.methods.ofd.preact_stage_layers`).
+    from the input of each stage's last ``nn.ReLU``, copied before an in-place ReLU overwrites it (see
+    :func:`~lightning_kd.methods.ofd.preact_stage_layers`).
 
     Args:
         reviewkd_weight: weight of the summed HCL losses.
@@ -62,8 +62,6 @@ class ReviewKD(DistillationModule):
             raise ValueError("ReviewKD pairs student and teacher layers in order: pass both student_layers and "
                              "teacher_layers, or neither")
         self.use_features(*paired_stages(student_layers, teacher_layers, [], [], "ReviewKD"))
-        keep_activation_inputs(self.student, self.student_layers)
-        keep_activation_inputs(self.teacher, self.teacher_layers)
         self.fusion: ReviewFusion | None = None
         self.init_projection(input_shape)
 
