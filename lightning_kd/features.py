@@ -135,6 +135,32 @@ def check_layers(model: nn.Module, layers: str | Sequence[str], role: str = "mod
 
 
 # ---------------------------------------------------------------------------------------------- capturing
+def preactivation_layers(model: nn.Module, role: str, method: str, hint: str = "") -> list[str]:
+    """The layers holding the model's stage features before their final ReLU, stem excluded.
+
+    A registered model's ``stage_names(preact=True)``; otherwise (timm models, registered models without a
+    pre-activation list) the input (``name:input``) of the last ``nn.ReLU`` registered in each stage module of
+    ``stage_names()``, e.g. ``layer1.1.act2:input`` for timm's ResNets. A stage without a ReLU is an error naming
+    the ``<role>_layers`` option (and ``hint``, further options to pass).
+
+    The input of an in-place activation is copied by :func:`capture_features` before the activation overwrites it.
+    """
+    try:
+        return stage_names(model, preact=True)[1:]
+    except ValueError:
+        pass
+    layers = []
+    for stage in stage_names(model)[1:]:
+        relus = [name for name, module in model.get_submodule(stage).named_modules() if isinstance(module, nn.ReLU)]
+        if not relus:
+            raise ValueError(f"{method} distils the stage features before their final ReLU, but stage {stage!r} of "
+                             f"the {role} ({type(model).__name__}) has no nn.ReLU module to take them from: pass "
+                             f"{role}_layers=[...] naming the pre-activation modules (or 'module:input' of each "
+                             "stage's last activation)" + hint)
+        layers.append(f"{stage}.{relus[-1]}" + INPUT_SUFFIX if relus[-1] else stage + INPUT_SUFFIX)
+    return layers
+
+
 @contextmanager
 def capture_features(model: nn.Module, layers: Sequence[str]) -> Iterator[dict[str, Tensor]]:
     """Hook ``layers`` of ``model`` for the duration of the block; yields a dict filled, in the order of

@@ -1,29 +1,15 @@
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from lightning_kd.features import stage_names
+from lightning_kd.features import preactivation_layers
 from lightning_kd.losses.feature_extra import ab_loss
 from lightning_kd.methods.base import Batch
 from lightning_kd.methods.init_phase import InitPhaseDistillation
 from lightning_kd.nn.adapters import boundary_connector
-
-
-def preactivation_stages(model: nn.Module, role: str) -> list[str]:
-    """The model's pre-activation stage features after the stem; for a model that lists none (timm models, the
-    small CNNs) its stage outputs, with a warning."""
-    try:
-        return stage_names(model, preact=True)[1:]
-    except ValueError:
-        stages = stage_names(model)[1:]
-        warnings.warn(f"AB distils pre-activation features, but the {role} ({type(model).__name__}) lists none: "
-                      f"using its stage outputs ({', '.join(stages)}), after their ReLU. Pass student_layers and "
-                      "teacher_layers naming modules whose outputs are pre-activations", UserWarning, stacklevel=3)
-        return stages
 
 
 class AB(InitPhaseDistillation):
@@ -47,7 +33,7 @@ class AB(InitPhaseDistillation):
         init_epochs: epochs of AB-only training.
         init_lr: learning rate of the init phase's SGD.
         student_layers: module names of the student's pre-activations, instead of ``stage_names(preact=True)``
-            after the stem (models without that interface fall back to their stage outputs, with a warning).
+            after the stem (models without that interface: the input of each stage's last ReLU).
         teacher_layers: module names of the teacher's, as many as the student's.
         input_shape: shape of one input, e.g. ``(3, 32, 32)``; the connectors are built from the feature shapes of
             one dry forward pass on it: here when given, else in ``setup`` from the data (then stored in the
@@ -60,8 +46,8 @@ class AB(InitPhaseDistillation):
         super().__init__(*args, ce_weight=ce_weight, init_epochs=init_epochs, init_lr=init_lr, **kwargs)
         if margin < 0:
             raise ValueError(f"margin must be non-negative, got {margin}")
-        self.use_stage_pairs(student_layers or preactivation_stages(self.student, "student"),
-                             teacher_layers or preactivation_stages(self.teacher, "teacher"))
+        self.use_stage_pairs(student_layers or preactivation_layers(self.student, "student", "AB"),
+                             teacher_layers or preactivation_layers(self.teacher, "teacher", "AB"))
         self.connectors: nn.ModuleList | None = None
         self.init_projection(input_shape)
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_kd.features import INPUT_SUFFIX, check_layers, stage_names
+from lightning_kd.features import INPUT_SUFFIX, check_layers, preactivation_layers
 from lightning_kd.losses.feature_fusion import ofd_loss, ofd_margin_from_bn
 from lightning_kd.methods.base import Batch, DistillationModule, ModelOutput
 from lightning_kd.nn.projectors import ConvBN
@@ -19,30 +19,6 @@ def _module_name(layer: str) -> str:
 
 def _join(parent: str, child: str) -> str:
     return ".".join(part for part in (parent, child) if part)
-
-
-def preact_stage_layers(model: nn.Module, role: str, method: str) -> list[str]:
-    """The layers holding the model's stage features before their final ReLU, stem excluded.
-
-    A registered model's ``stage_names(preact=True)``; otherwise (timm models, registered models without a
-    pre-activation list) the input (``name:input``) of the last ``nn.ReLU`` registered in each stage module of
-    ``stage_names()``, e.g. ``layer1.1.act2:input`` for timm's ResNets. A stage without a ReLU is an error naming
-    the ``<role>_layers`` option.
-    """
-    try:
-        return stage_names(model, preact=True)[1:]
-    except ValueError:
-        pass
-    layers = []
-    for stage in stage_names(model)[1:]:
-        relus = [name for name, module in model.get_submodule(stage).named_modules() if isinstance(module, nn.ReLU)]
-        if not relus:
-            raise ValueError(f"{method} distils the stage features before their final ReLU, but stage {stage!r} of "
-                             f"the {role} ({type(model).__name__}) has no nn.ReLU module to take them from: pass "
-                             f"{role}_layers=[...] naming the pre-activation modules (or 'module:input' of each "
-                             "stage's last activation)" + (" and teacher_bns=[...]" if method == "OFD" else ""))
-        layers.append(_join(stage, relus[-1]) + INPUT_SUFFIX)
-    return layers
 
 
 def preact_batchnorm(model: nn.Module, layer: str) -> str | None:
@@ -129,8 +105,8 @@ class OFD(DistillationModule):
                  student_layers: list[str] | None = None, teacher_layers: list[str] | None = None,
                  teacher_bns: list[str] | None = None, input_shape: Sequence[int] | None = None, **kwargs):
         super().__init__(*args, ce_weight=ce_weight, **kwargs)
-        default_student = [] if student_layers is not None else preact_stage_layers(self.student, "student", "OFD")
-        default_teacher = [] if teacher_layers is not None else preact_stage_layers(self.teacher, "teacher", "OFD")
+        default_student = [] if student_layers is not None else preactivation_layers(self.student, "student", "OFD", " and teacher_bns=[...]")
+        default_teacher = [] if teacher_layers is not None else preactivation_layers(self.teacher, "teacher", "OFD", " and teacher_bns=[...]")
         self.use_features(*paired_stages(student_layers, teacher_layers, default_student, default_teacher, "OFD"))
         self.teacher_bns = self._margin_batchnorms(teacher_bns)
         self.connectors: nn.ModuleList | None = None

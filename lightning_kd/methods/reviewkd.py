@@ -5,10 +5,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_kd.features import embedding_name, stage_names
+from lightning_kd.features import embedding_name, preactivation_layers, stage_names
 from lightning_kd.losses.feature_fusion import hcl_loss
 from lightning_kd.methods.base import Batch, DistillationModule, LogitDistillationModule, ModelOutput
-from lightning_kd.methods.ofd import paired_stages, preact_stage_layers
+from lightning_kd.methods.ofd import paired_stages
 from lightning_kd.nn.review import ReviewFusion, as_map
 
 
@@ -32,7 +32,7 @@ class ReviewKD(DistillationModule):
 
     Teacher pre-ReLU features come from ``stage_names(preact=True)`` for registered models and, for timm models,
     from the input of each stage's last ``nn.ReLU``, copied before an in-place ReLU overwrites it (see
-    :func:`~lightning_kd.methods.ofd.preact_stage_layers`).
+    :func:`~lightning_kd.features.preactivation_layers`).
 
     Args:
         reviewkd_weight: weight of the summed HCL losses.
@@ -54,7 +54,7 @@ class ReviewKD(DistillationModule):
         super().__init__(*args, ce_weight=ce_weight, **kwargs)
         if student_layers is None and teacher_layers is None:
             student_stages, teacher_stages = paired_stages(None, None, stage_names(self.student)[1:],
-                                                           preact_stage_layers(self.teacher, "teacher", "ReviewKD"),
+                                                           preactivation_layers(self.teacher, "teacher", "ReviewKD"),
                                                            "ReviewKD")
             student_layers = student_stages + [embedding_name(self.student)]
             teacher_layers = teacher_stages + [embedding_name(self.teacher)]

@@ -41,17 +41,14 @@ PARTS = {"VID": ["regressors"], "FSP": ["connectors"], "AB": ["connectors"], "FT
 ZOO_LAYERS = {"VID": ["layer1", "layer2", "layer3"], "FSP": ["relu", "layer1", "layer2", "layer3"],
               "FT": ["layer3"]}
 TIMM_LAYERS = {"VID": ["layer1", "layer2", "layer3", "layer4"], "FSP": ["act1", "layer1", "layer2", "layer3", "layer4"],
-               "AB": ["layer1", "layer2", "layer3", "layer4"], "FT": ["layer4"]}
+               "FT": ["layer4"]}
 
 
 def build(name: str, **kwargs):
-    """The method with a one-epoch init phase where it has one; models without pre-activation features make AB
-    warn, which is checked in its own test."""
+    """The method with a one-epoch init phase where it has one."""
     if name in INIT_METHODS:
         kwargs.setdefault("init_epochs", 1)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "AB distils pre-activation features")
-        return METHODS[name](**kwargs)
+    return METHODS[name](**kwargs)
 
 
 
@@ -95,7 +92,11 @@ def test_trains_out_of_the_box(name, pair, digits):
     else:
         model = build(name, student="timm:resnet10t", teacher="timm:resnet18", num_classes=10)
         data = {"train_dataloaders": random_loader(10)}
-        assert model.student_layers == model.teacher_layers == TIMM_LAYERS[name]
+        if name == "AB":  # the input of each stage's last ReLU
+            assert model.student_layers == [f"layer{i}.0.act2:input" for i in range(1, 5)]
+            assert model.teacher_layers == [f"layer{i}.1.act2:input" for i in range(1, 5)]
+        else:
+            assert model.student_layers == model.teacher_layers == TIMM_LAYERS[name]
     before = snapshot(model.student)
     # one init step (where the method has an init phase), then one ordinary step
     trainer = make_trainer(max_steps=2, limit_train_batches=1, limit_val_batches=0)
@@ -232,7 +233,6 @@ def test_adapters_shapes_and_initial_variance():
 
 
 # -------------------------------------------------------------------------------------- trainable parts, phases
-@pytest.mark.filterwarnings("ignore:AB distils pre-activation features")
 @pytest.mark.parametrize("name", list(METHODS))
 def test_trainable_parts_are_optimized_checkpointed_restored_and_not_exported(name, digits, tmp_path):
     model = build(name, student="cnn_tiny", teacher="cnn_small", num_classes=10, in_chans=1)
@@ -392,25 +392,27 @@ def test_bad_input_is_a_clear_error():
         build("FT", student_layer="pool", teacher_layer="pool", input_shape=(1, 8, 8), **common)
 
 
-def test_ab_warns_when_a_model_has_no_pre_activation_features():
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        AB(student="cnn_tiny", teacher="cnn_small", num_classes=10, in_chans=1, init_epochs=1)
-    messages = [str(w.message) for w in caught if w.category is UserWarning]
-    assert len(messages) == 2
-    assert "the student (SimpleCNN) lists none: using its stage outputs (stages.1), after their ReLU" in messages[0]
-    assert "the teacher (SimpleCNN) lists none" in messages[1]
+def test_ab_takes_the_inputs_of_the_last_relus_of_models_without_pre_activation_features():
+    """Small CNNs and timm models list no pre-activations: AB hooks the input of each stage's last ReLU, which
+    holds the pre-activation values even where that ReLU is in-place."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        AB(student="resnet8x4", teacher="resnet32x4", num_classes=100, init_epochs=1)
+        model = AB(student="cnn_tiny", teacher="cnn_small", num_classes=10, in_chans=1, init_epochs=1)
+    assert model.student_layers == model.teacher_layers == ["stages.1.1.2:input"]
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    teacher = model.teacher
+    with torch.no_grad():  # the stem, then the stage's pool, conv and BatchNorm: the values before the ReLU
+        pre = teacher.stages[1][1][1](teacher.stages[1][1][0](teacher.stages[1][0](teacher.stages[0](x))))
+    teacher_out = model.forward_teacher(Batch(x, torch.zeros(4, dtype=torch.long)))
+    torch.testing.assert_close(teacher_out.features["stages.1.1.2:input"], pre)
+    assert (pre < 0).any()
 
 
 def test_init_phase_methods_share_the_mechanism():
     assert all(issubclass(METHODS[name], InitPhaseDistillation) for name in INIT_METHODS)
     assert not issubclass(VID, InitPhaseDistillation)
-    defaults = {name: (METHODS[name](student="cnn_tiny", teacher="cnn_small", num_classes=10, in_chans=1)
-                       if name != "AB" else build("AB", student="cnn_tiny", teacher="cnn_small", num_classes=10,
-                                                  in_chans=1, init_epochs=30)).hparams for name in INIT_METHODS}
+    defaults = {name: METHODS[name](student="cnn_tiny", teacher="cnn_small", num_classes=10, in_chans=1).hparams
+                for name in INIT_METHODS}
     assert {name: (hp.init_epochs, hp.init_lr) for name, hp in defaults.items()} == {
         "FSP": (30, 0.05), "AB": (30, 0.05), "FT": (30, 0.01)}
     assert (defaults["AB"].ab_weight, defaults["AB"].margin, defaults["FSP"].fsp_weight) == (3e-3, 1.0, 1.0)
