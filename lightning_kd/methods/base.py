@@ -129,7 +129,8 @@ class DistillationModule(L.LightningModule):
         #: set by :class:`lightning_kd.cache.TeacherOutputCache`: gives the teacher's logits for a training batch
         self.replay_teacher: Callable[[Batch], Tensor] | None = None
         self._compiled: dict[str, Callable[[Tensor], Tensor]] = {}
-        self._nonfinite: Tensor | None = None
+        #: per list of loss names: [first bad global step or -1, then 1 for each loss that was non-finite there]
+        self._nonfinite: dict[tuple[str, ...], Tensor] = {}
 
     @staticmethod
     def _build(model: nn.Module | str, num_classes: int, in_chans: int) -> nn.Module:
@@ -343,12 +344,12 @@ class DistillationModule(L.LightningModule):
                 self._raise_nonfinite(self.global_step, batch_idx, [n for n, b in zip(names, bad.tolist()) if b])
             return
         step = torch.full((1,), float(self.global_step), device=losses.device)
-        if self._nonfinite is None or self._nonfinite.shape[0] != len(names) + 1:
-            self._nonfinite = torch.full((len(names) + 1,), -1.0, device=losses.device)
-            self._nonfinite_names = names
-        first = self._nonfinite[0]
-        new = bad.any() & (first < 0)
-        self._nonfinite = torch.where(new, torch.cat([step, bad.float()]), self._nonfinite)
+        key = tuple(names)
+        record = self._nonfinite.get(key)
+        if record is None:
+            record = torch.full((len(names) + 1,), -1.0, device=losses.device)
+        new = bad.any() & (record[0] < 0)
+        self._nonfinite[key] = torch.where(new, torch.cat([step, bad.float()]), record)
         interval = getattr(self.trainer, "log_every_n_steps", 50) or 50
         if (batch_idx + 1) % interval == 0:
             self._check_nonfinite()
@@ -358,11 +359,11 @@ class DistillationModule(L.LightningModule):
         return device.type != "cpu"
 
     def _check_nonfinite(self) -> None:
-        if self._nonfinite is None:
-            return
-        record = self._nonfinite.tolist()
-        if record[0] >= 0:
-            self._raise_nonfinite(int(record[0]), None, [n for n, b in zip(self._nonfinite_names, record[1:]) if b])
+        bad_records = [(record[0], [n for n, b in zip(names, record[1:]) if b])
+                       for names, record in ((k, v.tolist()) for k, v in self._nonfinite.items()) if record[0] >= 0]
+        if bad_records:
+            step, bad = min(bad_records)
+            self._raise_nonfinite(int(step), None, bad)
 
     def _raise_nonfinite(self, step: int, batch_idx: int | None, bad: list[str]) -> None:
         where = f"global step {step}" + (f" (epoch {self.current_epoch}, batch {batch_idx})" if batch_idx is not None

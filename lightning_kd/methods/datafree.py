@@ -188,14 +188,10 @@ class DataFreeKD(DistillationModule):
 
     # ------------------------------------------------------------------------------------------------ steps
     def _check_losses(self, losses: dict[str, Tensor], role: str, batch_idx: int) -> Tensor:
-        loss = torch.stack([value.float() for value in losses.values()]).sum()
-        if self.hparams.check_finite and not torch.isfinite(loss):
-            bad = [name for name, value in losses.items() if not torch.isfinite(value)]
-            raise FloatingPointError(
-                f"the {role} loss went non-finite at epoch {self.current_epoch}, global step {self.global_step} "
-                f"(batch {batch_idx}); non-finite losses: {', '.join(bad)}. Lower the learning rates or the loss "
-                "weights, or train in full precision")
-        return loss
+        values = torch.stack([value.float() for value in losses.values()])
+        if self.hparams.check_finite:  # the base's check: at once on the CPU, without host syncs on accelerators
+            self._track_finite(values.detach(), [f"{role} {name}" for name in losses], batch_idx)
+        return values.sum()
 
     def _student_step(self, optimizer: Any, batch_size: int, batch_idx: int) -> dict[str, Tensor]:
         with torch.no_grad():
@@ -243,6 +239,7 @@ class DataFreeKD(DistillationModule):
             self.log(f"train/loss{suffix}", value, prog_bar=suffix == "", batch_size=batch_size)
 
     def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
         schedulers = self.lr_schedulers()
         if schedulers is None:
             return

@@ -369,3 +369,20 @@ def test_data_free_beats_noise_on_digits():
           f"({time.perf_counter() - start:.1f} s)")
     assert teacher_acc > 0.9
     assert data_free_acc > noise_acc + 0.1
+
+
+@pytest.mark.parametrize("defer", [False, True])
+def test_a_non_finite_generator_loss_stops_training_naming_it(monkeypatch, defer):
+    """The base's check, at once on the CPU and through the device-side record (as on accelerators)."""
+    monkeypatch.setattr(DataFreeKD, "_defer_finite_check", staticmethod(lambda device: defer))
+    original = DataFreeKD.generator_losses
+
+    def poisoned(self, *args):
+        losses = original(self, *args)
+        return {**losses, "bn": losses["bn"] * float("nan")} if self.global_step >= 11 else losses
+
+    monkeypatch.setattr(DataFreeKD, "generator_losses", poisoned)
+    model = DataFreeKD(student="cnn_tiny", teacher="cnn_small", num_classes=10, in_chans=1)
+    with pytest.raises(FloatingPointError, match=r"non-finite at global step 11.*non-finite losses: generator bn"):
+        make_trainer(max_epochs=1, limit_val_batches=0, log_every_n_steps=50).fit(
+            model, DataFreeDataModule(DigitsDataModule(batch_size=64), batch_size=8, steps_per_epoch=3))
