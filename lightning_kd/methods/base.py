@@ -128,7 +128,7 @@ class DistillationModule(L.LightningModule):
         self._outputs_checked = False
         #: set by :class:`lightning_kd.cache.TeacherOutputCache`: gives the teacher's logits for a training batch
         self.replay_teacher: Callable[[Batch], Tensor] | None = None
-        self._compiled: dict[str, Callable[[Tensor], Tensor]] = {}
+        self._compiled: dict[str, Any] = {}
         #: per list of loss names: [first bad global step or -1, then 1 for each loss that was non-finite there]
         self._nonfinite: dict[tuple[str, ...], Tensor] = {}
 
@@ -295,7 +295,10 @@ class DistillationModule(L.LightningModule):
                                  f"({', '.join([*self.student_layers, *self.teacher_layers])}): leave compile off "
                                  "for feature methods")
             # plain dict entries: the compiled wrappers share the modules' parameters but stay out of state_dict
-            self._compiled = {name: torch.compile(model) for name, model in models.items() if model is not None}
+            self._compiled = {name: torch.compile(model) for name, model in models.items()
+                              if model is not None and not isinstance(model, nn.ModuleList)}
+            if isinstance(self.teacher, nn.ModuleList):  # several teachers (MultiTeacherKD), each compiled on its own
+                self._compiled["teachers"] = [torch.compile(model) for model in self.teacher]
 
     def _forward_pair(self, batch: Batch, batch_idx: int) -> tuple[ModelOutput, ModelOutput | None]:
         self._check_targets(batch.target, batch_idx)

@@ -290,8 +290,9 @@ class MultiTeacherKD(LogitDistillationModule):
         if self.teacher.training or any(t.training for t in self.teacher):  # fit restores the modes it found
             self.teacher.eval()
         logits = []
+        compiled = self._compiled.get("teachers", list(self.teacher))
         for i, model in enumerate(self.teacher):
-            out = model(self.teacher_input(i, batch.input))
+            out = compiled[i](self._input(self.teacher_input(i, batch.input)))
             if out.shape[-1] != self.num_classes:
                 raise ValueError(f"teacher {i} ({type(model).__name__}) has {out.shape[-1]} classes but num_classes "
                                  f"is {self.num_classes}: give every teacher {self.num_classes} outputs")

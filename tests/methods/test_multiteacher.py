@@ -207,6 +207,29 @@ def test_teachers_may_differ_in_input_size_and_normalisation(digits):
     assert torch.isfinite(trainer.callback_metrics["train/loss_kd"])
 
 
+def test_channels_last_and_compile_reach_every_teacher(digits, monkeypatch):
+    """Each teacher gets channels-last weights and inputs (also after its own resize) and is compiled on its own
+    (``torch.compile`` replaced by a recording wrapper: compiling for real takes minutes on a CPU)."""
+    compiled, calls = [], []
+
+    def fake_compile(model, **kwargs):
+        compiled.append(model)
+        return lambda x: (calls.append(model), model(x))[1]
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model = MultiTeacherKD(student="cnn_tiny", teacher=["cnn_small", "cnn_tiny"], num_classes=10, in_chans=1,
+                           teacher_inputs=[None, {"size": 16}], channels_last=True, compile=True)
+    layouts = []
+    for teacher in model.teacher:
+        teacher.register_forward_pre_hook(
+            lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    make_trainer(max_steps=1, limit_val_batches=0).fit(model, digits)
+    assert compiled[0] is model.student and compiled[1:] == list(model.teacher)
+    assert calls == [model.teacher[0], model.teacher[1], model.student]  # the teachers' forwards, then the student's
+    assert layouts == [True, True]
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in model.teacher.parameters() if p.dim() == 4)
+
+
 def test_validation_measures_the_combined_teacher(digits):
     torch.manual_seed(0)
     teachers = [create_model("cnn_small", num_classes=10, in_chans=1).eval() for _ in range(2)]
