@@ -16,6 +16,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   tail -3 "$out/gpu_tests.txt"
 fi
 run 100 --pair cifar --batch-size 256 $fast --warmup 15 --steps 100
+run 60 --pair cifar --batch-size 256 --warmup 10 --steps 100 --cases data  # the data pipelines alone
 run 60 --pair cifar --batch-size 512 $fast --warmup 15 --steps 60 --cases limit,raw,fit,fit_cached
 run 80 --pair imagenet --batch-size 256 $fast --warmup 10 --steps 30 --cases limit,fit,fit_cached
 if [ "${FP32:-1}" = 1 ]; then
