@@ -184,16 +184,18 @@ class ImageClassificationDataModule(SplitDataModule):
 
     def _device_batches(self, split: str) -> DeviceBatches:
         trainer = self.trainer
-        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        if split not in self._on_device or self._on_device[split][0].device != device:
-            self._on_device[split] = tuple(t.to(device) for t in self.arrays[split])
-        images, targets = self._on_device[split]
+        device, rank, world_size = (torch.device("cpu"), 0, 1) if trainer is None else \
+            (trainer.strategy.root_device, trainer.global_rank, trainer.world_size)
+        # validation on the test split (val_fraction=0) shares its copy on the device
+        stored = "test" if self.arrays[split] is self.arrays["test"] else split
+        if stored not in self._on_device or self._on_device[stored][0].device != device:
+            self._on_device[stored] = tuple(t.to(device) for t in self.arrays[stored])
+        images, targets = self._on_device[stored]
         train = split == "train"
         return DeviceBatches(images, targets, self.hparams.batch_size, self.mean, self.std,
                              augmentation=self.augmentation() if train else Augmentation(), shuffle=train,
-                             seed=self.hparams.shuffle_seed, drop_last=train and trainer is not None and
-                             trainer.world_size > 1, rank=trainer.global_rank if trainer is not None else 0,
-                             num_replicas=trainer.world_size if trainer is not None else 1)
+                             seed=self.hparams.shuffle_seed, drop_last=train and world_size > 1, rank=rank,
+                             num_replicas=world_size)
 
     def train_dataloader(self) -> DataLoader | DeviceBatches:
         return self._device_batches("train") if self.hparams.device_resident else super().train_dataloader()

@@ -56,16 +56,16 @@ def augment_batch(images: Tensor, offsets: Tensor, flips: Tensor, padding: int) 
 
 
 def normalization(mean: Sequence[float], std: Sequence[float], device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
-    """``scale, shift`` (``1×C×1×1``) with ``image · scale − shift = (image / 255 − mean) / std``."""
+    """``scale, offset`` (``1×C×1×1``) with ``image · scale + offset = (image / 255 − mean) / std``."""
     mean_, std_ = (torch.tensor(v, dtype=torch.float64).view(1, -1, 1, 1) for v in (mean, std))
-    return (1.0 / (255.0 * std_)).float().to(device), (mean_ / std_).float().to(device)
+    return (1.0 / (255.0 * std_)).float().to(device), (-mean_ / std_).float().to(device)
 
 
-def normalize_batch(images: Tensor, scale: Tensor, shift: Tensor,
+def normalize_batch(images: Tensor, scale: Tensor, offset: Tensor,
                     memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
     """``(images / 255 − mean) / std`` in float32 from uint8 ``B×C×H×W``, as ``ToTensor`` then ``Normalize``, with
-    ``scale, shift`` from :func:`normalization` (built once, on the images' device: no copy per batch)."""
-    return torch.addcmul(-shift, images.float(), scale).contiguous(memory_format=memory_format)
+    ``scale, offset`` from :func:`normalization` (built once, on the images' device: no copy per batch)."""
+    return torch.addcmul(offset, images.float(), scale).contiguous(memory_format=memory_format)
 
 
 class DeviceBatches:
@@ -86,18 +86,19 @@ class DeviceBatches:
             raise ValueError(f"images must be uint8 N×C×H×W, got {images.dtype} of shape {tuple(images.shape)}")
         self.images, self.targets = images, targets
         self.batch_size, self.mean, self.std = batch_size, tuple(mean), tuple(std)
-        self.scale, self.shift = normalization(mean, std, images.device)
+        self.scale, self.offset = normalization(mean, std, images.device)
         self.augmentation, self.shuffle, self.seed, self.drop_last = augmentation, shuffle, seed, drop_last
         self.rank, self.num_replicas = rank, num_replicas
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.epoch = 0
+        self._params_cache: tuple[int, Tensor, Tensor] | None = None
 
     batch_sampler = None
 
     def to(self, device: torch.device | str) -> DeviceBatches:
         """Move the images, targets and normalisation to ``device`` (in place) and return ``self``."""
         self.images, self.targets = self.images.to(device), self.targets.to(device)
-        self.scale, self.shift = self.scale.to(device), self.shift.to(device)
+        self.scale, self.offset = self.scale.to(device), self.offset.to(device)
         self._params_cache = None
         return self
 
@@ -109,17 +110,19 @@ class DeviceBatches:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        count = len(self._indices())
+        count = len(range(self.rank, self._usable(), self.num_replicas))  # this process's samples
         return count // self.batch_size if self.drop_last else -(-count // self.batch_size)
+
+    def _usable(self) -> int:
+        """Samples shared out between the processes: all, or under ``drop_last`` a multiple of their number."""
+        count = len(self.targets)
+        return count - count % self.num_replicas if self.drop_last else count
 
     def _indices(self) -> Tensor:
         count = len(self.targets)
         order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed + self.epoch)) \
             if self.shuffle else torch.arange(count)
-        if self.num_replicas > 1:
-            usable = count - count % self.num_replicas if self.drop_last else count
-            order = order[self.rank:usable:self.num_replicas]
-        return order
+        return order[self.rank:self._usable():self.num_replicas]
 
     def views(self, indices: Tensor, epoch: int | None = None) -> Tensor:
         """The normalised views of samples ``indices`` at ``epoch`` (default: the current one)."""
@@ -130,10 +133,10 @@ class DeviceBatches:
             offsets, flips = self._params(self.epoch if epoch is None else epoch)
             images = augment_batch(images, offsets.index_select(0, indices), flips.index_select(0, indices),
                                    self.augmentation.padding)
-        return normalize_batch(images, self.scale, self.shift, self.memory_format)
+        return normalize_batch(images, self.scale, self.offset, self.memory_format)
 
     def _params(self, epoch: int) -> tuple[Tensor, Tensor]:
-        cached = getattr(self, "_params_cache", None)
+        cached = self._params_cache
         if cached is None or cached[0] != epoch:
             offsets, flips = view_params(self.augmentation, len(self.targets), self.seed, epoch)
             cached = (epoch, offsets.to(self.images.device), flips.to(self.images.device))

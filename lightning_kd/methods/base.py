@@ -315,14 +315,21 @@ class DistillationModule(L.LightningModule):
         student_out, teacher_out = self._forward_pair(batch, batch_idx)
         ce = self.cross_entropy(student_out.logits, batch.target)
         losses = {"ce": self.hparams.ce_weight * ce, **self.distillation_losses(batch, student_out, teacher_out)}
+        return self.total_loss(losses, batch_idx)
+
+    def total_loss(self, losses: dict[str, Tensor], batch_idx: int, log_as: str | None = "train/loss",
+                   name_prefix: str = "") -> Tensor:
+        """The sum of the weighted ``losses`` in float32: checked for non-finite values when ``check_finite`` (an
+        error names ``name_prefix + name``), and logged as ``log_as`` and ``<log_as>_<name>`` on the steps
+        :meth:`logs_this_step` picks (``log_as=None``: not logged)."""
         values = torch.stack([value.float() for value in losses.values()])
-        loss = values.sum()
         if self.hparams.check_finite:
-            self._track_finite(values.detach(), list(losses), batch_idx)
-        if self.logs_this_step(batch_idx):
-            self.log("train/loss", loss, prog_bar=True)
+            self._track_finite(values.detach(), [name_prefix + name for name in losses], batch_idx)
+        loss = values.sum()
+        if log_as is not None and self.logs_this_step(batch_idx):
+            self.log(log_as, loss, prog_bar=True)
             for name, value in losses.items():
-                self.log(f"train/loss_{name}", value)
+                self.log(f"{log_as}_{name}", value)
         return loss
 
     def logs_this_step(self, batch_idx: int) -> bool:

@@ -187,12 +187,6 @@ class DataFreeKD(DistillationModule):
                 handle.remove()
 
     # ------------------------------------------------------------------------------------------------ steps
-    def _check_losses(self, losses: dict[str, Tensor], role: str, batch_idx: int) -> Tensor:
-        values = torch.stack([value.float() for value in losses.values()])
-        if self.hparams.check_finite:  # the base's check: at once on the CPU, without host syncs on accelerators
-            self._track_finite(values.detach(), [f"{role} {name}" for name in losses], batch_idx)
-        return values.sum()
-
     def _student_step(self, optimizer: Any, batch_size: int, batch_idx: int) -> dict[str, Tensor]:
         with torch.no_grad():
             images = self.synthesize(batch_size)
@@ -200,7 +194,7 @@ class DataFreeKD(DistillationModule):
         student_out, teacher_out = self.forward_student(batch), self.forward_teacher(batch)
         self._check_outputs(student_out.logits, teacher_out.logits)
         losses = self.distillation_losses(batch, student_out, teacher_out)
-        loss = self._check_losses(losses, "student", batch_idx)
+        loss = self.total_loss(losses, batch_idx, log_as=None, name_prefix="student ")
         optimizer.zero_grad()
         self.manual_backward(loss)
         optimizer.step()
@@ -216,7 +210,7 @@ class DataFreeKD(DistillationModule):
             with self.capture_bn_inputs() as bn_inputs:
                 teacher_logits = self.teacher(images)
             losses = self.generator_losses(self.student(images), teacher_logits, bn_inputs)
-            loss = self._check_losses(losses, "generator", batch_idx)
+            loss = self.total_loss(losses, batch_idx, log_as=None, name_prefix="generator ")
             optimizer.zero_grad()
             self.manual_backward(loss)
             optimizer.step()
@@ -226,7 +220,7 @@ class DataFreeKD(DistillationModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         batch_size = batch_size_of(batch)
-        if getattr(self, "replay_teacher", None) is not None:
+        if self.replay_teacher is not None:
             raise ValueError("DataFreeKD's training inputs are new at every step, so the teacher's outputs cannot be "
                              "replayed from a cache: remove the TeacherOutputCache callback")
         optimizers = self.optimizers()

@@ -150,16 +150,7 @@ class InitPhaseDistillation(DistillationModule):
             return super().training_step(batch, batch_idx)
         batch = self.unpack_batch(batch)
         self._check_targets(batch.target, batch_idx)
-        losses = self.init_losses(batch)
-        stacked = torch.stack([value.float() for value in losses.values()])
-        if self.hparams.check_finite:
-            self._track_finite(stacked.detach(), [f"init_{name}" for name in losses], batch_idx)
-        loss = stacked.sum()
-        if self.logs_this_step(batch_idx):
-            self.log("train/init_loss", loss, prog_bar=True)
-            for name, value in losses.items():
-                self.log(f"train/init_loss_{name}", value)
-        return loss
+        return self.total_loss(self.init_losses(batch), batch_idx, log_as="train/init_loss", name_prefix="init_")
 
     # -------------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

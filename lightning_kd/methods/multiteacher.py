@@ -284,7 +284,7 @@ class MultiTeacherKD(LogitDistillationModule):
 
     @torch.no_grad()
     def forward_teacher(self, batch: Batch) -> MultiTeacherOutput:
-        if self.training and getattr(self, "replay_teacher", None) is not None:
+        if self.training and self.replay_teacher is not None:
             raise ValueError("MultiTeacherKD runs its teachers on every batch: teacher outputs replayed from a cache "
                              "hold no per-teacher logits; drop the teacher-output cache")
         if self.teacher.training or any(t.training for t in self.teacher):  # fit restores the modes it found
