@@ -23,6 +23,25 @@ from lightning_kd.losses.logit import (
 from lightning_kd.losses.logit_extra import mlkd_loss, rld_loss, virtual_teacher_loss, virtual_teacher_probs
 from lightning_kd.losses.online import dml_loss, mean_logit_ensemble, min_logit_ensemble, mutual_learning_losses
 from lightning_kd.losses.relation import cc_loss, pkt_loss, rkd_loss, sp_loss
+from lightning_kd.losses.token import (
+    DIVERGENCES,
+    divergence_per_token,
+    forward_kl_loss,
+    forward_kl_per_token,
+    generalized_jsd_loss,
+    generalized_jsd_per_token,
+    global_token_count,
+    reverse_kl_loss,
+    reverse_kl_per_token,
+    skew_forward_kl_loss,
+    skew_forward_kl_per_token,
+    skew_reverse_kl_loss,
+    skew_reverse_kl_per_token,
+    token_distillation_loss,
+    total_variation_loss,
+    total_variation_per_token,
+    valid_token_mask,
+)
 
 __all__ = [
     "mlkd_loss",
@@ -66,4 +85,21 @@ __all__ = [
     "crd_loss",
     "nce_loss",
     "nce_normalizer",
+    "DIVERGENCES",
+    "divergence_per_token",
+    "forward_kl_loss",
+    "forward_kl_per_token",
+    "generalized_jsd_loss",
+    "generalized_jsd_per_token",
+    "global_token_count",
+    "reverse_kl_loss",
+    "reverse_kl_per_token",
+    "skew_forward_kl_loss",
+    "skew_forward_kl_per_token",
+    "skew_reverse_kl_loss",
+    "skew_reverse_kl_per_token",
+    "token_distillation_loss",
+    "total_variation_loss",
+    "total_variation_per_token",
+    "valid_token_mask",
 ]
