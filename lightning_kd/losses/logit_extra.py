@@ -1,10 +1,20 @@
 """More logit-based distillation losses (functional API).
 
 Same conventions as :mod:`lightning_kd.losses.logit`: every function takes raw
-``(B, C)`` logits, upcasts them with ``.float()`` and evaluates with autocast
-disabled, so the result is a float32 tensor under bf16/fp16 autocast too. The
-reductions follow each paper's official code so that the published
-hyper-parameters transfer unchanged; see each docstring.
+logits, upcasts them with ``.float()`` and evaluates with autocast disabled, so
+the result is a float32 tensor for bf16/fp16 inputs and under bf16/fp16
+autocast too. The reductions follow each paper's official code so that the
+published hyper-parameters transfer unchanged; see each docstring.
+
+Dense outputs: :func:`rld_loss` and :func:`virtual_teacher_loss` are means of
+per-sample terms and take ``(B, C)``, ``(B, C, H, W)`` (per pixel) or
+``(B, T, V)`` (per token) logits with ``class_dim``, ``mask`` and
+``ignore_index`` exactly as :func:`lightning_kd.losses.logit.kd_loss` (mean over
+the valid positions, 0 when there is none). :func:`mlkd_loss` takes ``(B, C)``
+only: its batch- and class-level terms compare ``B x B`` and ``C x C``
+correlation matrices and its masks are medians over the batch, so it is not a
+mean over positions, and treating every pixel as a sample would need an
+``N x N`` matrix over all pixels of the batch.
 
 Implemented:
 
@@ -22,7 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_kd.losses.logit import TemperatureLike, _autocast_off, _check_pair, _per_sample_kl, _temperature
+from lightning_kd.losses.logit import (
+    TemperatureLike,
+    _autocast_off,
+    _mean_over_positions,
+    _per_sample_kl,
+    _position_temperature,
+    _positions,
+)
 
 __all__ = ["rld_loss", "mlkd_loss", "virtual_teacher_probs", "virtual_teacher_loss"]
 
@@ -31,13 +48,6 @@ __all__ = ["rld_loss", "mlkd_loss", "virtual_teacher_probs", "virtual_teacher_lo
 # so that a row with every class masked gives two uniform distributions and a
 # zero loss instead of NaN).
 _RLD_MASK_FILL = -1e9
-
-
-def _check_target(target: Tensor, batch_size: int, device: torch.device) -> Tensor:
-    target = target.reshape(-1).to(device=device, dtype=torch.long)
-    if target.numel() != batch_size:
-        raise ValueError(f"target must hold {batch_size} labels, got {target.numel()}")
-    return target
 
 
 def _binary_log_probs(z: Tensor, index: Tensor) -> Tensor:
@@ -58,6 +68,10 @@ def rld_loss(
     beta: float = 8.0,
     temperature: TemperatureLike = 4.0,
     confidence_temperature: TemperatureLike | None = None,
+    *,
+    class_dim: int | None = None,
+    mask: Tensor | None = None,
+    ignore_index: int = -100,
 ) -> Tensor:
     r"""Refined logit distillation: sample confidence + masked correlation distillation.
 
@@ -79,21 +93,30 @@ def rld_loss(
     the official code: a sample whose label has the teacher's lowest logit keeps
     no class and contributes 0. The binary log-probabilities are computed with
     ``logsumexp`` (same quantity as the official ``log`` of summed
-    probabilities, without ``log(0)``). The official CIFAR-100 setting is
+    probabilities, without ``log(0)``). For ``(B, C, H, W)`` / ``(B, T, V)``
+    logits every valid pixel / token with its own label is one sample and
+    "batch" above reads "valid positions" (see the module docstring); 0 when
+    no position is valid. The official CIFAR-100 setting is
     ``alpha = 1, beta = 8, T = 4`` with the same temperature for both terms
     (the ``--same-t`` flag of its README); the linear warm-up of the loss over
     20 epochs is not part of this function.
 
     Args:
-        student_logits: ``(B, C)`` student logits, ``C >= 2``.
-        teacher_logits: ``(B, C)`` teacher logits.
-        target: ``(B,)`` integer class labels.
+        student_logits: ``(B, C)``, ``(B, C, H, W)`` or ``(B, T, V)`` student logits, ``C >= 2``.
+        teacher_logits: teacher logits of the same shape.
+        target: integer labels, ``(B,)`` for ``(B, C)``, else the positions'
+            shape (``(B, H, W)``, ``(B, T)``); positions labelled
+            ``ignore_index`` are left out.
         alpha: weight of sample confidence distillation.
         beta: weight of masked correlation distillation.
         temperature: temperature ``T`` of the masked correlation term: a
             positive number, a 0-d tensor or a per-sample ``(B, 1)`` tensor.
         confidence_temperature: temperature ``Tc`` of the sample confidence term;
             ``None`` (default) uses ``temperature``.
+        class_dim: the dimension holding the classes; default 1 for 2-D and
+            4-D logits, the last one for 3-D.
+        mask: optional boolean tensor of the positions' shape, True = the position counts.
+        ignore_index: label of the positions to leave out.
 
     Returns:
         0-d float32 tensor.
@@ -106,28 +129,26 @@ def rld_loss(
         >>> round(rld_loss(s, t, y, alpha=1.0, beta=1.0, temperature=1.0).item(), 4)
         0.0589
     """
-    _check_pair(student_logits, teacher_logits)
-    batch_size, num_classes = student_logits.shape
-    if num_classes < 2:
-        raise ValueError("rld_loss needs at least 2 classes")
-    target = _check_target(target, batch_size, student_logits.device)
     if confidence_temperature is None:
         confidence_temperature = temperature
     with _autocast_off(student_logits.device):
-        s = student_logits.float()
-        t = teacher_logits.float()
-        temp = _temperature(temperature, batch_size, s.device)
-        temp_c = _temperature(confidence_temperature, batch_size, s.device)
-        label = target.unsqueeze(1)
+        pos = _positions(student_logits, teacher_logits, class_dim=class_dim, mask=mask, target=target,
+                         ignore_index=ignore_index)
+        if pos.student.shape[1] < 2:
+            raise ValueError("rld_loss needs at least 2 classes")
+        s, t = pos.student, pos.teacher
+        temp = _position_temperature(temperature, pos, s.device)
+        temp_c = _position_temperature(confidence_temperature, pos, s.device)
+        label = pos.target.unsqueeze(1)
 
         log_b_s = _binary_log_probs(s / temp_c, label)
         b_t = _binary_log_probs(t / temp_c, t.argmax(dim=1, keepdim=True)).exp()
-        scd = (_per_sample_kl(log_b_s, b_t) * temp_c**2).mean()
+        scd = _mean_over_positions(_per_sample_kl(log_b_s, b_t) * temp_c**2, pos.valid)
 
         removed = t >= t.gather(1, label)
         log_q_s = F.log_softmax((s / temp).masked_fill(removed, _RLD_MASK_FILL), dim=1)
         q_t = F.softmax((t / temp).masked_fill(removed, _RLD_MASK_FILL), dim=1)
-        mcd = (_per_sample_kl(log_q_s, q_t) * temp**2).mean()
+        mcd = _mean_over_positions(_per_sample_kl(log_q_s, q_t) * temp**2, pos.valid)
 
         return alpha * scd + beta * mcd
 
@@ -182,6 +203,10 @@ def mlkd_loss(
     terms from the weak view), i.e. this function with ``batch_weight =
     class_weight = 0`` without the mask fraction.
 
+    Dense outputs (``(B, C, H, W)``, ``(B, T, V)``) are not accepted: the
+    batch- and class-level terms and both masks are statistics of the whole
+    batch, not means over positions (see the module docstring).
+
     Args:
         student_logits: ``(B, C)`` student logits.
         teacher_logits: ``(B, C)`` teacher logits.
@@ -203,7 +228,17 @@ def mlkd_loss(
         >>> round(mlkd_loss(s, t, temperatures=(1.0,)).item(), 4)
         0.0718
     """
-    _check_pair(student_logits, teacher_logits)
+    if student_logits.dim() != 2:
+        raise ValueError(
+            f"mlkd_loss takes (B, C) logits only, got shape {tuple(student_logits.shape)}: its batch- and "
+            "class-level terms are statistics of the whole batch; reshape the positions into (N, C) yourself "
+            "if every position is meant to be one sample"
+        )
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            "student and teacher logits must have the same shape, got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
     temperatures = [float(temperature) for temperature in temperatures]
     if not temperatures or min(temperatures) <= 0.0:
         raise ValueError(f"temperatures must be a non-empty list of positive numbers, got {temperatures}")
@@ -268,7 +303,14 @@ def virtual_teacher_probs(target: Tensor, num_classes: int, correct_prob: float 
 
 
 def virtual_teacher_loss(
-    student_logits: Tensor, target: Tensor, correct_prob: float = 0.99, temperature: float = 20.0
+    student_logits: Tensor,
+    target: Tensor,
+    correct_prob: float = 0.99,
+    temperature: float = 20.0,
+    *,
+    class_dim: int | None = None,
+    mask: Tensor | None = None,
+    ignore_index: int = -100,
 ) -> Tensor:
     r"""KL divergence from the softened hand-designed teacher of Tf-KD\ :sub:`reg` to the student.
 
@@ -283,32 +325,38 @@ def virtual_teacher_loss(
     the temperature softens the teacher by treating its *probabilities* as
     logits, ``softmax(p_d / T)``, while the student is compared at temperature 1
     and there is no ``T^2`` factor. The KL is summed over classes and averaged
-    over the batch; the official code averages over all ``B * C`` entries
-    instead (``nn.KLDivLoss()``'s element-wise mean), i.e. this value divided by
-    ``C`` -- :class:`lightning_kd.methods.tfkd.TfKDVirtual` applies that factor.
+    over the batch (over the valid pixels / tokens for ``(B, C, H, W)`` /
+    ``(B, T, V)`` logits, each with its own label; see the module docstring);
+    the official code averages over all ``B * C`` entries instead
+    (``nn.KLDivLoss()``'s element-wise mean), i.e. this value divided by ``C``
+    -- :class:`lightning_kd.methods.tfkd.TfKDVirtual` applies that factor.
 
     Args:
-        student_logits: ``(B, C)`` student logits, ``C >= 2``.
-        target: ``(B,)`` integer class labels.
+        student_logits: ``(B, C)``, ``(B, C, H, W)`` or ``(B, T, V)`` student logits, ``C >= 2``.
+        target: integer labels, ``(B,)`` for ``(B, C)``, else the positions'
+            shape; positions labelled ``ignore_index`` are left out.
         correct_prob: probability ``a`` of the labelled class in the hand-designed teacher.
         temperature: softening temperature ``T`` of the hand-designed teacher (positive).
+        class_dim: the dimension holding the classes; default 1 for 2-D and
+            4-D logits, the last one for 3-D.
+        mask: optional boolean tensor of the positions' shape, True = the position counts.
+        ignore_index: label of the positions to leave out.
 
     Returns:
-        0-d float32 tensor.
+        0-d float32 tensor (0 when no position is valid).
 
     Example:
         >>> s = torch.tensor([[0.9, 0.05, 0.05]])  # the student's logits equal p_d: same softmax at T = 1
         >>> abs(virtual_teacher_loss(s, torch.tensor([0]), correct_prob=0.9, temperature=1.0).item()) < 1e-6
         True
     """
-    if student_logits.dim() != 2:
-        raise ValueError(f"expected logits of shape (B, C), got shape {tuple(student_logits.shape)}")
-    batch_size, num_classes = student_logits.shape
-    target = _check_target(target, batch_size, student_logits.device)
     if not float(temperature) > 0.0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     with _autocast_off(student_logits.device):
-        teacher = F.softmax(virtual_teacher_probs(target, num_classes, correct_prob) / float(temperature), dim=1)
-        log_p_s = F.log_softmax(student_logits.float(), dim=1)
-        return _per_sample_kl(log_p_s, teacher).mean()
+        pos = _positions(student_logits, None, class_dim=class_dim, mask=mask, target=target,
+                         ignore_index=ignore_index)
+        num_classes = pos.student.shape[1]
+        teacher = F.softmax(virtual_teacher_probs(pos.target, num_classes, correct_prob) / float(temperature), dim=1)
+        log_p_s = F.log_softmax(pos.student, dim=1)
+        return _mean_over_positions(_per_sample_kl(log_p_s, teacher), pos.valid)
 
