@@ -261,3 +261,40 @@ def infer_input_shape(trainer: Any, stage: str = "fit") -> tuple[int, ...]:
 
 __all__ = ["INPUT_SUFFIX", "capture_features", "check_layers", "classifier_name", "embedding_name",
            "feature_shapes", "infer_input_shape", "stage_names"]
+
+
+# ------------------------------------------------------------------------------------------- pairing layers
+def paired_stages(student: Sequence[str] | None, teacher: Sequence[str] | None, default_student: list[str],
+                  default_teacher: list[str], method: str) -> tuple[list[str], list[str]]:
+    """Student and teacher layers paired in order. Defaults of different lengths keep the deepest stages of the
+    longer list (mdistiller's ``_align_list``); explicit lists must be equally long."""
+    if student is None and teacher is None:
+        count = min(len(default_student), len(default_teacher))
+        return default_student[len(default_student) - count:], default_teacher[len(default_teacher) - count:]
+    student = list(student) if student is not None else default_student
+    teacher = list(teacher) if teacher is not None else default_teacher
+    if len(student) != len(teacher) or not student:
+        raise ValueError(f"{method} pairs student and teacher layers in order, but got {len(student)} student layers "
+                         f"({', '.join(student)}) and {len(teacher)} teacher layers ({', '.join(teacher)}): pass "
+                         "student_layers and teacher_layers of equal length")
+    return student, teacher
+
+
+def stage_pairs(student: nn.Module, teacher: nn.Module, student_layers: Sequence[str] | None,
+                teacher_layers: Sequence[str] | None, method: str) -> tuple[list[str], list[str]]:
+    """Layers paired in order: the given names, by default each model's stages after the stem; the two lists
+    must be equally long."""
+    student_layers = list(student_layers or stage_names(student)[1:])
+    teacher_layers = list(teacher_layers or stage_names(teacher)[1:])
+    if len(student_layers) != len(teacher_layers):
+        raise ValueError(f"{method} pairs student and teacher layers in order, but got "
+                         f"{len(student_layers)} student layers ({', '.join(student_layers)}) and "
+                         f"{len(teacher_layers)} teacher layers ({', '.join(teacher_layers)}): pass "
+                         "student_layers and teacher_layers of equal length")
+    return student_layers, teacher_layers
+
+
+def hint_stage(model: nn.Module, index: int) -> str:
+    """The stage ``index`` of the model's stage list (stem = 0), or its last stage when it has fewer."""
+    stages = stage_names(model)
+    return stages[min(index, len(stages) - 1)]

@@ -1,9 +1,7 @@
 from __future__ import annotations
 
-from torch import Tensor
-
-from lightning_kd.losses import at_loss
-from lightning_kd.methods.base import Batch, DistillationModule, ModelOutput
+from lightning_kd.methods.base import DistillationModule
+from lightning_kd.terms import ATTerm
 
 
 class AT(DistillationModule):
@@ -26,9 +24,4 @@ class AT(DistillationModule):
     def __init__(self, *args, at_weight: float = 1000.0, p: float = 2.0, ce_weight: float = 1.0,
                  student_layers: list[str] | None = None, teacher_layers: list[str] | None = None, **kwargs):
         super().__init__(*args, ce_weight=ce_weight, **kwargs)
-        self.use_stage_pairs(student_layers, teacher_layers)
-
-    def distillation_losses(self, batch: Batch, student_out: ModelOutput,
-                            teacher_out: ModelOutput) -> dict[str, Tensor]:
-        pairs = zip(student_out.features.values(), teacher_out.features.values())
-        return {"at": self.hparams.at_weight * sum(at_loss(s, t, self.hparams.p) for s, t in pairs)}
+        self.add_term("at", ATTerm(p, student_layers, teacher_layers, weight=at_weight))

@@ -16,10 +16,11 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
 from lightning_kd.data.mixing import MIX_MODES, mix_images
-from lightning_kd.features import capture_features, check_layers, feature_shapes, infer_input_shape, stage_names
+from lightning_kd.features import capture_features, check_layers, feature_shapes, infer_input_shape, stage_pairs
 from lightning_kd.losses import standardize_logits
 from lightning_kd.metrics import Agreement, TeacherStudentKL
 from lightning_kd.models import create_model
+from lightning_kd.terms.base import DistillationTerm
 from lightning_kd.models.weights import extract_state_dict, load_weights  # noqa: F401  (part of this module's API)
 
 # The frozen teacher is in eval mode on purpose; Lightning warns about every eval-mode module at fit start.
@@ -75,13 +76,37 @@ class DistillationModule(L.LightningModule):
             convolutions under mixed precision on tensor-core GPUs).
         compile: run student and teacher through ``torch.compile``, each compiled on its own (the teacher under
             ``no_grad``); for methods that distil from logits (hooked layers are not compiled).
+        standardize: z-score student and teacher logits over classes before every logit term's loss (logit
+            standardization, Sun et al., "Logit Standardization in Knowledge Distillation", CVPR 2024); a term's own
+            ``standardize`` overrides it. The paper pairs it with a lower base temperature and a larger KD weight
+            (e.g. KD: T=2, weight 9 on CIFAR-100); set those in the config.
+        mix: ``"mixup"`` or ``"cutmix"``: consistent teaching, as in function matching (Beyer et al., "Knowledge
+            distillation: A good teacher is patient and consistent", CVPR 2022): every training batch is mixed on
+            its device (:mod:`lightning_kd.data.mixing`, one coefficient λ per batch, folded to λ ≥ ½) before the
+            teacher and the student both see it. The cross-entropy then uses the mixed labels,
+            ``λ · CE(s, y) + (1 − λ) · CE(s, y_partner)`` (function matching itself uses no labels:
+            ``ce_weight=0``); a loss that reads the labels (DKD, RLD) gets ``batch.target``, the label of the image
+            with the larger share. :attr:`mixing` describes the current batch's mixing. Validation and test batches
+            are not mixed. ``None``: no mixing.
+        mix_alpha: concentration α of ``λ ~ Beta(α, α)``; 1 (λ uniform) is the paper's setting (big_vision's
+            distillation configs: ``mixup = dict(p=1.0, n=2)``).
+        input_shape: shape of one input, e.g. ``(3, 32, 32)``, for terms whose trainable parts are sized by hooked
+            features: they are built from one dry forward pass on this shape, here when given, else in ``setup``
+            from the first sample of the data (the shape is then stored in the hyper-parameters, so that
+            ``load_from_checkpoint`` rebuilds the parts before their weights load).
 
     Mixed precision is the ``Trainer``'s ``precision`` (e.g. ``"bf16-mixed"``); losses are computed in float32.
 
-    A method overrides :meth:`distillation_losses` and returns its weighted losses by name; the base adds
-    ``ce``, sums them, and logs ``train/loss`` and ``train/loss_<name>`` for each. A method that needs
-    intermediate features calls :meth:`use_features` in its ``__init__``.
+    A method adds its losses as terms (:class:`~lightning_kd.terms.DistillationTerm`, :meth:`add_term`) in its
+    ``__init__``, or overrides :meth:`distillation_losses` and returns its weighted losses by name; the base adds
+    ``ce``, sums them, and logs ``train/loss`` and ``train/loss_<name>`` for each. The layers all terms read are
+    hooked once per forward pass.
     """
+
+    #: log each term's losses as ``<term>_<loss>`` (:class:`Distiller`) instead of by the loss's own name
+    prefix_term_names = False
+    #: constructor arguments kept out of the saved hyper-parameters (besides modules and optimizer factories)
+    hparams_ignore: tuple[str, ...] = ()
 
     requires_teacher = True
     #: layers hooked by :meth:`forward_student` / :meth:`forward_teacher` (set by :meth:`use_features`)
@@ -103,11 +128,19 @@ class DistillationModule(L.LightningModule):
         check_finite: bool = True,
         channels_last: bool = False,
         compile: bool = False,
+        standardize: bool = False,
+        mix: str | None = None,
+        mix_alpha: float = 1.0,
+        input_shape: Sequence[int] | None = None,
     ):
         super().__init__()
+        if mix is not None and mix not in MIX_MODES:
+            raise ValueError(f"unknown mix={mix!r}: use one of {', '.join(MIX_MODES)}, or None for no mixing")
+        if not mix_alpha > 0:
+            raise ValueError(f"mix_alpha={mix_alpha} must be positive (it is the α of Beta(α, α))")
         modules = [name for name, value in (("student", student), ("teacher", teacher)) if isinstance(value, nn.Module)]
         # optimizer factories stay out of the checkpoint so that it loads with torch.load(weights_only=True)
-        self.save_hyperparameters(ignore=[*modules, "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=[*modules, "optimizer", "lr_scheduler", *self.hparams_ignore])
         if teacher is None and self.requires_teacher:
             raise ValueError(f"{type(self).__name__} needs a teacher: pass teacher=<nn.Module or model name> "
                              "(and teacher_weights=<path> for a model built by name)")
@@ -131,6 +164,12 @@ class DistillationModule(L.LightningModule):
         self._compiled: dict[str, Any] = {}
         #: per list of loss names: [first bad global step or -1, then 1 for each loss that was non-finite there]
         self._nonfinite: dict[tuple[str, ...], Tensor] = {}
+        #: the method's distillation terms by name (:meth:`add_term`)
+        self.terms = nn.ModuleDict()
+        self._method_layers: tuple[list[str], list[str]] = ([], [])
+        #: how the current training batch was mixed (a :class:`lightning_kd.data.mixing.Mixing`); ``None`` outside
+        #: mixed training steps
+        self.mixing = None
 
     @staticmethod
     def _build(model: nn.Module | str, num_classes: int, in_chans: int) -> nn.Module:
@@ -167,20 +206,57 @@ class DistillationModule(L.LightningModule):
         """Capture these layers (names as in ``named_modules()``, see :mod:`lightning_kd.features`) in every
         forward pass: ``ModelOutput.features`` then maps each name to its output, in this order. Checked now; a
         wrong name raises ``ValueError`` listing the model's module names."""
-        self.student_layers = check_layers(self.student, student_layers, "student")
-        self.teacher_layers = [] if self.teacher is None else check_layers(self.teacher, teacher_layers, "teacher")
+        self._method_layers = (check_layers(self.student, student_layers, "student"),
+                               [] if self.teacher is None else check_layers(self.teacher, teacher_layers, "teacher"))
+        self._refresh_layers()
+
+    def _refresh_layers(self) -> None:
+        """Hooked layers = the union of the method's own (:meth:`use_features`) and every term's, each once."""
+        student, teacher = list(self._method_layers[0]), list(self._method_layers[1])
+        for term in self.terms.values():
+            student += term.student_layers
+            teacher += term.teacher_layers
+        self.student_layers, self.teacher_layers = list(dict.fromkeys(student)), list(dict.fromkeys(teacher))
+
+    # ------------------------------------------------------------------------------------------------- terms
+    def add_term(self, name: str, term: DistillationTerm) -> DistillationTerm:
+        """Add a distillation term under ``name`` (its losses are logged as ``train/loss_<loss>``, or
+        ``train/loss_<name>_<loss>`` when :attr:`prefix_term_names`). Its layers are checked and hooked; parts sized
+        by them are built now when ``input_shape`` is known, else in :meth:`setup`."""
+        if not isinstance(term, DistillationTerm):
+            raise TypeError(f"term {name!r} is a {type(term).__name__}, not a lightning_kd.terms.DistillationTerm")
+        if not name.isidentifier():
+            raise ValueError(f"term name {name!r} must be a Python identifier (letters, digits, underscores): it "
+                             "names the term's weights in checkpoints and its losses in the logs")
+        if name in self.terms:
+            raise ValueError(f"{type(self).__name__} already has a term named {name!r}: give each term its own name")
+        term.bind(self)
+        check_layers(self.student, term.student_layers, "student")
+        if self.teacher is not None:
+            check_layers(self.teacher, term.teacher_layers, "teacher")
+        self.terms[name] = term
+        self._refresh_layers()
+        if not term.built and self.hparams.get("input_shape") is not None:
+            self._build_terms(self.hparams.input_shape, [term])
+        return term
+
+    def _pending_terms(self) -> list[DistillationTerm]:
+        return [term for term in self.terms.values() if not term.built]
+
+    def _build_terms(self, input_shape: Sequence[int], terms: list[DistillationTerm]) -> None:
+        """Build ``terms`` from one dry forward pass per model over the union of their layers."""
+        student_layers = list(dict.fromkeys(name for term in terms for name in term.student_layers))
+        teacher_layers = list(dict.fromkeys(name for term in terms for name in term.teacher_layers))
+        student_shapes = feature_shapes(self.student, student_layers, input_shape)
+        teacher_shapes = feature_shapes(self.teacher, teacher_layers, input_shape) if teacher_layers else {}
+        for term in terms:
+            term._build([student_shapes[name] for name in term.student_layers],
+                        [teacher_shapes[name] for name in term.teacher_layers])
 
     def use_stage_pairs(self, student_layers: list[str] | None = None, teacher_layers: list[str] | None = None) -> None:
         """:meth:`use_features` for methods that pair student and teacher layers in order: by default each
         model's stages after the stem; the two lists must be equally long."""
-        student_layers = student_layers or stage_names(self.student)[1:]
-        teacher_layers = teacher_layers or stage_names(self.teacher)[1:]
-        if len(student_layers) != len(teacher_layers):
-            raise ValueError(f"{type(self).__name__} pairs student and teacher layers in order, but got "
-                             f"{len(student_layers)} student layers ({', '.join(student_layers)}) and "
-                             f"{len(teacher_layers)} teacher layers ({', '.join(teacher_layers)}): pass "
-                             "student_layers and teacher_layers of equal length")
-        self.use_features(student_layers, teacher_layers)
+        self.use_features(*stage_pairs(self.student, self.teacher, student_layers, teacher_layers, type(self).__name__))
 
     def init_projection(self, input_shape: Sequence[int] | None) -> None:
         """For methods whose trainable parts are sized by their hooked student and teacher feature (one each): build
@@ -234,12 +310,43 @@ class DistillationModule(L.LightningModule):
     # ------------------------------------------------------------------------------------------------ method
     def distillation_losses(self, batch: Batch, student_out: ModelOutput,
                             teacher_out: ModelOutput | None) -> dict[str, Tensor]:
-        """The method's weighted losses by name (without cross-entropy, which the base adds)."""
-        return {}
+        """The method's weighted losses by name (without cross-entropy, which the base adds): by default, those of
+        its terms."""
+        losses: dict[str, Tensor] = {}
+        for term_name, term in self.terms.items():
+            for loss_name, value in term(batch, student_out, teacher_out).items():
+                key = self.loss_name(term_name, loss_name)
+                if key in losses or key == "ce":
+                    raise ValueError(f"two losses of {type(self).__name__} are both named {key!r}: give the terms "
+                                     "distinct names (Distiller logs each as <term>_<loss>)")
+                losses[key] = value
+        return losses
+
+    def loss_name(self, term_name: str, loss_name: str) -> str:
+        """The name a term's loss is logged under: the loss's own name, or ``<term>_<loss>`` (just ``<term>`` when
+        they are equal) when :attr:`prefix_term_names`."""
+        if not self.prefix_term_names:
+            return loss_name
+        return term_name if loss_name == term_name else f"{term_name}_{loss_name}"
+
+    def warmup_ramp(self, warmup_epochs: int) -> float:
+        """Linear warm-up factor ``min(epoch / warmup_epochs, 1)`` with epochs counted from 1 (as in the DKD
+        reference code); 1 when ``warmup_epochs`` is 0."""
+        return min((self.current_epoch + 1) / warmup_epochs, 1.0) if warmup_epochs > 0 else 1.0
+
+    def distillation_logits(self, student_out: ModelOutput, teacher_out: ModelOutput) -> tuple[Tensor, Tensor]:
+        """Student and teacher logits as a loss should see them (standardized when ``standardize``)."""
+        student_logits, teacher_logits = student_out.logits, teacher_out.logits
+        if self.hparams.get("standardize"):
+            return standardize_logits(student_logits), standardize_logits(teacher_logits)
+        return student_logits, teacher_logits
 
     def cross_entropy(self, student_logits: Tensor, target: Tensor) -> Tensor:
-        """The supervised loss with the labels, in float32."""
-        return F.cross_entropy(student_logits.float(), target)
+        """The supervised loss with the labels, in float32; on a mixed batch, with the mixed labels (cross-entropy is
+        linear in the label)."""
+        if self.mixing is None:
+            return F.cross_entropy(student_logits.float(), target)
+        return F.cross_entropy(student_logits.float(), self.mixing.mix_targets(target, self.num_classes))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Student plus the method's own trainable parts: what the optimizer sees (never the teacher)."""
@@ -278,9 +385,15 @@ class DistillationModule(L.LightningModule):
         if data_classes is not None and data_classes != self.num_classes:
             raise ValueError(f"the data module has {data_classes} classes but the model was built with "
                              f"num_classes={self.num_classes}: use num_classes={data_classes} (the CLI links it)")
-        if getattr(self, "_projection_pending", False):
-            self.hparams.input_shape = infer_input_shape(self.trainer, stage)
-            self._build_projection_for(self.hparams.input_shape)
+        if getattr(self, "_projection_pending", False) or self._pending_terms():
+            if self.hparams.get("input_shape") is None:
+                self.hparams.input_shape = tuple(infer_input_shape(self.trainer, stage))
+            if getattr(self, "_projection_pending", False):
+                self._build_projection_for(self.hparams.input_shape)
+            if self._pending_terms():
+                self._build_terms(self.hparams.input_shape, self._pending_terms())
+        for term in self.terms.values():
+            term.setup(stage)
 
     def _setup_fast_paths(self) -> None:
         hp = self.hparams
@@ -312,10 +425,26 @@ class DistillationModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         batch = self.unpack_batch(batch)
+        if self.hparams.get("mix") is None:
+            return self._training_step(batch, batch_idx)
+        if self.replay_teacher is not None:
+            raise ValueError(f"mix={self.hparams.mix!r} needs the teacher to see every mixed batch, but the teacher's "
+                             "outputs are replayed from a cache: drop the teacher-output cache or set mix=None")
+        images, self.mixing = mix_images(batch.input, self.hparams.mix, self.hparams.mix_alpha)
+        try:
+            return self._training_step(Batch(images, batch.target, batch.index, batch.views), batch_idx)
+        finally:
+            self.mixing = None
+
+    def _training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         student_out, teacher_out = self._forward_pair(batch, batch_idx)
         ce = self.cross_entropy(student_out.logits, batch.target)
         losses = {"ce": self.hparams.ce_weight * ce, **self.distillation_losses(batch, student_out, teacher_out)}
         return self.total_loss(losses, batch_idx)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        for term in self.terms.values():
+            term.on_train_batch_end()
 
     def total_loss(self, losses: dict[str, Tensor], batch_idx: int, log_as: str | None = "train/loss",
                    name_prefix: str = "") -> Tensor:
@@ -435,8 +564,22 @@ class DistillationModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
+        if self._pending_terms() and self.hparams.get("input_shape") is not None:
+            self._build_terms(self.hparams.input_shape, self._pending_terms())
+        for term in self.terms.values():
+            term.on_load_checkpoint(checkpoint)
+        self._rename_legacy_keys(state)
         if self.teacher is not None and not any(k.startswith("teacher.") for k in state):
             state.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+
+    def _rename_legacy_keys(self, state: dict[str, Tensor]) -> None:
+        """Checkpoints written before a method's parts moved into its terms hold them at the top level
+        (``projector.weight``); rename each such key to the one term entry it now is (``terms.fitnet.projector.weight``)."""
+        own = set(self.state_dict())
+        for key in [k for k in state if k not in own]:
+            moved = [f"terms.{name}.{key}" for name in self.terms if f"terms.{name}.{key}" in own]
+            if len(moved) == 1 and moved[0] not in state:
+                state[moved[0]] = state.pop(key)
 
     def export_student(self, path: str | os.PathLike) -> None:
         """Save the student's ``state_dict`` alone, for deployment or as a later run's ``teacher_weights``."""
@@ -444,63 +587,5 @@ class DistillationModule(L.LightningModule):
 
 
 class LogitDistillationModule(DistillationModule):
-    """Base of the methods that distil from logits alone.
-
-    Args:
-        standardize: z-score student and teacher logits over classes before the distillation loss (logit
-            standardization, Sun et al., "Logit Standardization in Knowledge Distillation", CVPR 2024). The
-            paper pairs it with a lower base temperature and a larger KD weight (e.g. KD: T=2, weight 9 on
-            CIFAR-100); set those in the config.
-        mix: ``"mixup"`` or ``"cutmix"``: consistent teaching, as in function matching (Beyer et al., "Knowledge
-            distillation: A good teacher is patient and consistent", CVPR 2022): every training batch is mixed on
-            its device (:mod:`lightning_kd.data.mixing`, one coefficient λ per batch, folded to λ ≥ ½) before the
-            teacher and the student both see it. The cross-entropy then uses the mixed labels,
-            ``λ · CE(s, y) + (1 − λ) · CE(s, y_partner)`` (function matching itself uses no labels:
-            ``ce_weight=0``); a distillation loss that reads the labels (DKD, RLD) gets ``batch.target``, the label
-            of the image with the larger share. :attr:`mixing` describes the current batch's mixing. Validation
-            and test batches are not mixed. ``None``: no mixing.
-        mix_alpha: concentration α of ``λ ~ Beta(α, α)``; 1 (λ uniform) is the paper's setting (big_vision's
-            distillation configs: ``mixup = dict(p=1.0, n=2)``).
-    """
-
-    def __init__(self, *args, standardize: bool = False, mix: str | None = None, mix_alpha: float = 1.0, **kwargs):
-        if mix is not None and mix not in MIX_MODES:
-            raise ValueError(f"unknown mix={mix!r}: use one of {', '.join(MIX_MODES)}, or None for no mixing")
-        if not mix_alpha > 0:
-            raise ValueError(f"mix_alpha={mix_alpha} must be positive (it is the α of Beta(α, α))")
-        super().__init__(*args, **kwargs)
-        #: how the current training batch was mixed (a :class:`lightning_kd.data.mixing.Mixing`); ``None`` outside
-        #: mixed training steps
-        self.mixing = None
-
-    def warmup_ramp(self, warmup_epochs: int) -> float:
-        """Linear warm-up factor ``min(epoch / warmup_epochs, 1)`` with epochs counted from 1 (as in the DKD
-        reference code); 1 when ``warmup_epochs`` is 0."""
-        return min((self.current_epoch + 1) / warmup_epochs, 1.0) if warmup_epochs > 0 else 1.0
-
-    def distillation_logits(self, student_out: ModelOutput, teacher_out: ModelOutput) -> tuple[Tensor, Tensor]:
-        """Student and teacher logits as the loss should see them (standardized when ``standardize``)."""
-        student_logits, teacher_logits = student_out.logits, teacher_out.logits
-        if self.hparams.standardize:
-            return standardize_logits(student_logits), standardize_logits(teacher_logits)
-        return student_logits, teacher_logits
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        if self.hparams.get("mix") is None:
-            return super().training_step(batch, batch_idx)
-        if self.replay_teacher is not None:
-            raise ValueError(f"mix={self.hparams.mix!r} needs the teacher to see every mixed batch, but the teacher's "
-                             "outputs are replayed from a cache: drop the teacher-output cache or set mix=None")
-        batch = self.unpack_batch(batch)
-        images, mixing = mix_images(batch.input, self.hparams.mix, self.hparams.mix_alpha)
-        self.mixing = mixing
-        try:
-            return super().training_step(Batch(images, batch.target, batch.index, batch.views), batch_idx)
-        finally:
-            self.mixing = None
-
-    def cross_entropy(self, student_logits: Tensor, target: Tensor) -> Tensor:
-        """The supervised loss; on a mixed batch, with the mixed labels (cross-entropy is linear in the label)."""
-        if self.mixing is None:
-            return super().cross_entropy(student_logits, target)
-        return F.cross_entropy(student_logits.float(), self.mixing.mix_targets(target, self.num_classes))
+    """The base of methods that distil from logits alone: :class:`DistillationModule` (which now holds ``standardize``,
+    ``mix`` and the warm-up ramp for every method), kept under this name for subclasses written against it."""

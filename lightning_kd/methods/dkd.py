@@ -1,12 +1,10 @@
 from __future__ import annotations
 
-from torch import Tensor
-
-from lightning_kd.losses import dkd_loss
-from lightning_kd.methods.base import Batch, LogitDistillationModule, ModelOutput
+from lightning_kd.methods.base import DistillationModule
+from lightning_kd.terms import DKDTerm
 
 
-class DKD(LogitDistillationModule):
+class DKD(DistillationModule):
     """Decoupled knowledge distillation (Zhao et al., CVPR 2022).
 
     ``loss = ce_weight · CE + ramp · (α · TCKD + β · NCKD)``: target-class KD on the binary (target vs rest)
@@ -26,11 +24,4 @@ class DKD(LogitDistillationModule):
     def __init__(self, *args, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
                  warmup_epochs: int = 20, ce_weight: float = 1.0, **kwargs):
         super().__init__(*args, ce_weight=ce_weight, **kwargs)
-
-    def distillation_losses(self, batch: Batch, student_out: ModelOutput,
-                            teacher_out: ModelOutput) -> dict[str, Tensor]:
-        hp = self.hparams
-        ramp = self.warmup_ramp(hp.warmup_epochs)
-        student_logits, teacher_logits = self.distillation_logits(student_out, teacher_out)
-        return {"dkd": ramp * dkd_loss(student_logits, teacher_logits, batch.target, hp.alpha, hp.beta,
-                                       hp.temperature)}
+        self.add_term("dkd", DKDTerm(alpha, beta, temperature, warmup_epochs=warmup_epochs))

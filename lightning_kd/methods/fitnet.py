@@ -1,21 +1,8 @@
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import torch
-
-from torch import Tensor
-
-from lightning_kd.features import stage_names
-from lightning_kd.losses import fitnet_loss
-from lightning_kd.methods.base import Batch, DistillationModule, ModelOutput
-from lightning_kd.nn import build_projector
-
-
-def hint_stage(model, index: int) -> str:
-    """The stage ``index`` of the model's stage list (stem = 0), or its last stage when it has fewer."""
-    stages = stage_names(model)
-    return stages[min(index, len(stages) - 1)]
+from lightning_kd.features import hint_stage  # noqa: F401  (imported from here before)
+from lightning_kd.methods.base import DistillationModule
+from lightning_kd.terms import FitNetTerm
 
 
 class FitNet(DistillationModule):
@@ -35,26 +22,18 @@ class FitNet(DistillationModule):
         projector: the regressor, one of :data:`lightning_kd.nn.PROJECTORS` (``"conv_reg"``: CRD's conv-BN-ReLU).
         student_layer: module name of the student's hinted feature, instead of ``hint_layer``.
         teacher_layer: module name of the teacher's hint, instead of ``hint_layer``.
-        input_shape: shape of one input, e.g. ``(3, 32, 32)``. The regressor is built from the feature shapes of
-            one dry forward pass on this shape: here when given, else in ``setup`` from the first sample of the
-            data, which is then stored in the hyper-parameters so that ``load_from_checkpoint`` rebuilds the
-            regressor before its weights load.
+
+    The regressor is built from the feature shapes of one dry forward pass on ``input_shape`` (see
+    :class:`~lightning_kd.methods.DistillationModule`).
     """
 
     def __init__(self, *args, fitnet_weight: float = 100.0, ce_weight: float = 1.0, hint_layer: int = 2,
                  projector: str = "conv_reg", student_layer: str | None = None, teacher_layer: str | None = None,
-                 input_shape: Sequence[int] | None = None, **kwargs):
+                 **kwargs):
         super().__init__(*args, ce_weight=ce_weight, **kwargs)
-        self.use_features(student_layer or hint_stage(self.student, hint_layer),
-                          teacher_layer or hint_stage(self.teacher, hint_layer))
-        self.projector = None
-        self.init_projection(input_shape)
+        self.add_term("fitnet", FitNetTerm(hint_layer, projector, student_layer, teacher_layer, weight=fitnet_weight))
 
-    def build_projection(self, student_shape: torch.Size, teacher_shape: torch.Size) -> None:
-        self.projector = build_projector(self.hparams.projector, student_shape, teacher_shape)
-
-    def distillation_losses(self, batch: Batch, student_out: ModelOutput,
-                            teacher_out: ModelOutput) -> dict[str, Tensor]:
-        student_hint, = student_out.features.values()
-        teacher_hint, = teacher_out.features.values()
-        return {"fitnet": self.hparams.fitnet_weight * fitnet_loss(self.projector(student_hint), teacher_hint)}
+    @property
+    def projector(self):
+        """The hint regressor (``None`` until built)."""
+        return self.terms["fitnet"].projector

@@ -1,12 +1,10 @@
 from __future__ import annotations
 
-from torch import Tensor
-
-from lightning_kd.losses import kd_loss
-from lightning_kd.methods.base import Batch, LogitDistillationModule, ModelOutput
+from lightning_kd.methods.base import DistillationModule
+from lightning_kd.terms import KDTerm
 
 
-class KD(LogitDistillationModule):
+class KD(DistillationModule):
     """Knowledge distillation (Hinton et al., "Distilling the Knowledge in a Neural Network", 2015).
 
     ``loss = ce_weight · CE(s, y) + kd_weight · T² · KL(softmax(t/T) ‖ softmax(s/T))``, the KL summed over
@@ -21,8 +19,4 @@ class KD(LogitDistillationModule):
 
     def __init__(self, *args, temperature: float = 4.0, kd_weight: float = 0.9, ce_weight: float = 0.1, **kwargs):
         super().__init__(*args, ce_weight=ce_weight, **kwargs)
-
-    def distillation_losses(self, batch: Batch, student_out: ModelOutput,
-                            teacher_out: ModelOutput) -> dict[str, Tensor]:
-        student_logits, teacher_logits = self.distillation_logits(student_out, teacher_out)
-        return {"kd": self.hparams.kd_weight * kd_loss(student_logits, teacher_logits, self.hparams.temperature)}
+        self.add_term("kd", KDTerm(temperature, weight=kd_weight))

@@ -147,7 +147,8 @@ def test_projector_is_optimized_checkpointed_restored_and_not_exported(name, dig
     projector_params = {id(p) for p in model.projector.parameters()}
     optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     assert projector_params and projector_params <= optimized
-    projector_state = {f"projector.{k}": v for k, v in model.projector.state_dict().items()}
+    prefix = next(name for name, module in model.named_modules() if module is model.projector)
+    projector_state = {f"{prefix}.{k}": v for k, v in model.projector.state_dict().items()}
     assert_parts_checkpointed(trainer, model, projector_state, tmp_path)
 
 

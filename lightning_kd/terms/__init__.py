@@ -1,0 +1,9 @@
+"""Distillation terms: each loss of a method as a small ``nn.Module`` that declares the layers it reads, builds its
+trainable parts from their shapes and returns its weighted losses by name (:class:`DistillationTerm`). Methods are
+the teacher–student base plus their terms; :class:`~lightning_kd.methods.Distiller` combines any of them."""
+
+from lightning_kd.terms.base import DistillationTerm, term_from_spec
+from lightning_kd.terms.feature import ATTerm, FitNetTerm
+from lightning_kd.terms.logit import DKDTerm, KDTerm
+
+__all__ = ["DistillationTerm", "term_from_spec", "ATTerm", "DKDTerm", "FitNetTerm", "KDTerm"]
