@@ -445,6 +445,314 @@ def test_float32_under_bf16_autocast(name):
 
 
 # --------------------------------------------------------------------------- #
+# dense outputs: per pixel (B, C, H, W) and per token (B, T, V)
+# --------------------------------------------------------------------------- #
+# 12 pixels of 4 classes; 6 tokens of a 5-word vocabulary
+DENSE_SHAPES = {"pixels": (2, 4, 2, 3), "tokens": (2, 3, 5)}
+IGNORE = -100
+
+
+def _dense(kind: str, seed: int, scale: float = 3.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*DENSE_SHAPES[kind], generator=g, dtype=torch.float64) * scale
+
+
+def _classes(kind: str) -> int:
+    return DENSE_SHAPES[kind][1] if kind == "pixels" else DENSE_SHAPES[kind][2]
+
+
+def _position_shape(kind: str) -> tuple:
+    b, c, *rest = DENSE_SHAPES[kind]
+    return (b, *rest) if kind == "pixels" else (b, c)
+
+
+def _position_indices(kind: str) -> list:
+    """Every position (b, h, w) / (b, t), sample by sample."""
+    shape = _position_shape(kind)
+    if kind == "pixels":
+        return [(b, h, w) for b in range(shape[0]) for h in range(shape[1]) for w in range(shape[2])]
+    return [(b, i) for b in range(shape[0]) for i in range(shape[1])]
+
+
+def _row(x: torch.Tensor, kind: str, index: tuple) -> torch.Tensor:
+    """The logits of one position as a (1, C) matrix."""
+    if kind == "pixels":
+        b, h, w = index
+        return x[b, :, h, w].unsqueeze(0)
+    b, i = index
+    return x[b, i, :].unsqueeze(0)
+
+
+def _mask(kind: str, seed: int) -> torch.Tensor:
+    """A random boolean mask with the first position kept and the last one left out."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(_position_shape(kind), generator=g) < 0.6
+    mask.view(-1)[0], mask.view(-1)[-1] = True, False
+    return mask
+
+
+def _labels(kind: str, seed: int, ignored: bool) -> torch.Tensor:
+    """Random labels; with ``ignored``, about a third of them (the last one always) are IGNORE."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, _classes(kind), _position_shape(kind), generator=g)
+    if ignored:
+        drop = torch.rand(_position_shape(kind), generator=g) < 0.35
+        drop.view(-1)[0], drop.view(-1)[-1] = False, True
+        labels = labels.masked_fill(drop, IGNORE)
+    return labels
+
+
+def naive_dense(kind, valid, per_position):
+    """sum over the valid positions of per_position(index) / their number, by a python loop."""
+    total, count = 0.0, 0
+    for index in _position_indices(kind):
+        if bool(valid[index]):
+            total = total + per_position(index)
+            count += 1
+    return total / count
+
+
+def _valid_rows(x, kind, valid):
+    """(N, C) matrix of the valid positions' logits, in position order."""
+    return torch.cat([_row(x, kind, index) for index in _position_indices(kind) if bool(valid[index])])
+
+
+def _selection(kind, how, seed):
+    """(kwargs of the loss, labels for target-taking losses, valid positions) for one way of leaving positions out."""
+    if how == "mask":
+        mask = _mask(kind, seed)
+        labels = _labels(kind, seed + 1, ignored=False)
+        return {"mask": mask}, labels, mask
+    if how == "ignore_index":
+        labels = _labels(kind, seed + 1, ignored=True)
+        return {}, labels, labels != IGNORE
+    mask, labels = _mask(kind, seed), _labels(kind, seed + 1, ignored=True)  # both: a position must pass each
+    return {"mask": mask}, labels, mask & (labels != IGNORE)
+
+
+# each per-position loss: the code under test (student, teacher, labels, **selection) and its naive value at one
+# position (student row, teacher row, label); losses without a target get the labels only through ``target=``
+PER_POSITION_LOSSES = {
+    "kd": (
+        lambda s, t, y, **kw: kd_loss(s, t, 2.0, target=y, **kw),
+        lambda s, t, y: naive_kd(s, t, 2.0),
+    ),
+    "dkd": (
+        lambda s, t, y, **kw: dkd_loss(s, t, y, 1.0, 2.0, 2.0, **kw),
+        lambda s, t, y: naive_dkd(s, t, [y], 1.0, 2.0, 2.0),
+    ),
+    "normkd": (
+        lambda s, t, y, **kw: normkd_loss(s, t, 2.0, target=y, **kw),
+        lambda s, t, y: naive_normkd(s, t, 2.0),
+    ),
+}
+SELECTIONS = ["mask", "ignore_index", "mask_and_ignore_index"]
+
+
+@pytest.mark.parametrize("kind", list(DENSE_SHAPES))
+@pytest.mark.parametrize("how", SELECTIONS)
+@pytest.mark.parametrize("name", list(PER_POSITION_LOSSES))
+def test_dense_per_position_losses_match_naive_loop(name, how, kind):
+    loss, naive = PER_POSITION_LOSSES[name]
+    s, t = _dense(kind, seed=101), _dense(kind, seed=102)
+    kwargs, labels, valid = _selection(kind, how, seed=103)
+    assert 0 < int(valid.sum()) < valid.numel()
+    _assert_matches(
+        lambda x: loss(x, t.float(), labels, **kwargs),
+        lambda x: naive_dense(kind, valid, lambda i: naive(_row(x, kind, i), _row(t, kind, i), labels[i])),
+        s,
+    )
+
+
+@pytest.mark.parametrize("kind", list(DENSE_SHAPES))
+@pytest.mark.parametrize("how", SELECTIONS)
+def test_dense_dist_matches_naive_on_the_valid_positions(how, kind):
+    """DIST on dense outputs: every valid position is one sample of the naive (N, C) formula."""
+    s, t = _dense(kind, seed=111), _dense(kind, seed=112)
+    kwargs, labels, valid = _selection(kind, how, seed=113)
+    _assert_matches(
+        lambda x: dist_loss(x, t.float(), 1.0, 2.0, 2.0, target=labels, **kwargs),
+        lambda x: naive_dist(_valid_rows(x, kind, valid), _valid_rows(t, kind, valid), 1.0, 2.0, 2.0),
+        s,
+    )
+
+
+@pytest.mark.parametrize("kind", list(DENSE_SHAPES))
+@pytest.mark.parametrize("name", [*PER_POSITION_LOSSES, "dist"])
+def test_dense_equals_the_flattened_call_on_the_valid_positions(name, kind):
+    loss = PER_POSITION_LOSSES[name][0] if name != "dist" else (
+        lambda s, t, y, **kw: dist_loss(s, t, 1.0, 2.0, 2.0, target=y, **kw))
+    s, t = _dense(kind, seed=121).float(), _dense(kind, seed=122).float()
+    kwargs, labels, valid = _selection(kind, "mask_and_ignore_index", seed=123)
+    flat_labels = labels[valid]  # position order, like _valid_rows
+    expected = loss(_valid_rows(s, kind, valid), _valid_rows(t, kind, valid), flat_labels)
+    torch.testing.assert_close(loss(s, t, labels, **kwargs), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", [*PER_POSITION_LOSSES, "dist"])
+def test_a_batch_of_samples_is_the_dense_case_with_one_position_each(name):
+    """(B, C) keeps its batch mean: identical to (B, C, 1, 1) pixels and (B, 1, C) tokens."""
+    loss = PER_POSITION_LOSSES[name][0] if name != "dist" else (
+        lambda s, t, y, **kw: dist_loss(s, t, 1.0, 2.0, 2.0, **kw))
+    s, t = _rand(5, 7, seed=124).float(), _rand(5, 7, seed=125).float()
+    y = torch.randint(0, 7, (5,), generator=torch.Generator().manual_seed(126))
+    out = loss(s, t, y)
+    assert torch.equal(loss(s[:, :, None, None], t[:, :, None, None], y[:, None, None]), out)
+    assert torch.equal(loss(s[:, None, :], t[:, None, :], y[:, None]), out)
+
+
+@pytest.mark.parametrize("kind", list(DENSE_SHAPES))
+def test_dense_kd_per_sample_temperature_applies_to_every_position(kind):
+    s, t = _dense(kind, seed=131), _dense(kind, seed=132)
+    mask = _mask(kind, seed=133)
+    temps = torch.tensor([1.5, 4.0], dtype=torch.float64)
+    _assert_matches(
+        lambda x: kd_loss(x, t.float(), temps.float(), mask=mask),
+        lambda x: naive_dense(kind, mask, lambda i: naive_kd(_row(x, kind, i), _row(t, kind, i), temps[i[0]])),
+        s,
+    )
+
+
+def test_dense_hand_computed():
+    # pixel (0, 0): student uniform, teacher softmax([0, ln2, ln3]) = (1/6, 2/6, 3/6):
+    #   KL = 1/6 ln(1/2) + 1/2 ln(3/2) (as in test_kd_hand_computed)
+    # pixel (0, 1): NaN logits, labelled IGNORE -> left out; T = 1
+    kl0 = LN(0.5) / 6 + LN(1.5) / 2
+    s = torch.tensor([[0.0, 0.0, 0.0], [math.nan] * 3]).T.reshape(1, 3, 1, 2)
+    t = torch.tensor([[0.0, LN(2), LN(3)], [math.nan] * 3]).T.reshape(1, 3, 1, 2)
+    y = torch.tensor([[[2, IGNORE]]])
+    out, grad = _value_and_grad(lambda x: kd_loss(x, t, 1.0, target=y), s)
+    assert out.item() == pytest.approx(kl0, abs=1e-6)
+    assert torch.isfinite(grad).all() and torch.equal(grad[..., 1], torch.zeros(1, 3, 1))
+    # DKD on tokens: the two rows of test_dkd_hand_computed plus a third, masked, token
+    tckd = (LN(0.5) / 6 + 5 / 6 * LN(1.25)) + (0.5 * LN(1.5) + 0.5 * LN(0.75))
+    nckd = (0.4 * LN(0.8) + 0.6 * LN(1.2)) + (LN(2 / 3) / 3 + 2 / 3 * LN(4 / 3))
+    tokens_s = torch.zeros(1, 3, 3)
+    tokens_t = torch.tensor([[[0.0, LN(2), LN(3)], [0.0, LN(2), LN(3)], [9.0, 0.0, -9.0]]])
+    got = dkd_loss(tokens_s, tokens_t, torch.tensor([[0, 2, 1]]), 1.0, 8.0, 1.0, mask=torch.tensor([[1, 1, 0]]).bool())
+    assert got.item() == pytest.approx(tckd / 2 + 8.0 * nckd / 2, abs=1e-6)
+    # DIST: the 2 x 3 case of test_dist_hand_computed as two pixels, plus an ignored third one -> 16/3
+    ps = torch.tensor([[1 / 2, 1 / 3, 1 / 6], [1 / 6, 1 / 3, 1 / 2], [0.9, 0.05, 0.05]])
+    pt = torch.tensor([[1 / 6, 1 / 3, 1 / 2], [1 / 2, 1 / 3, 1 / 6], [0.05, 0.05, 0.9]])
+    pixels_s, pixels_t = ps.log().T.reshape(1, 3, 1, 3), pt.log().T.reshape(1, 3, 1, 3)
+    got = dist_loss(pixels_s, pixels_t, 1.0, 2.0, 1.0, target=torch.tensor([[[0, 1, IGNORE]]]))
+    assert got.item() == pytest.approx(16 / 3, abs=1e-5)
+
+
+@pytest.mark.parametrize("kind", list(DENSE_SHAPES))
+@pytest.mark.parametrize("name", [*PER_POSITION_LOSSES, "dist"])
+def test_left_out_positions_cannot_leak_nan(name, kind):
+    """NaN/inf logits at left-out positions (padding) change neither the value nor the other gradients."""
+    loss = PER_POSITION_LOSSES[name][0] if name != "dist" else (
+        lambda s, t, y, **kw: dist_loss(s, t, 1.0, 2.0, 2.0, target=y, **kw))
+    s, t = _dense(kind, seed=141).float(), _dense(kind, seed=142).float()
+    kwargs, labels, valid = _selection(kind, "mask_and_ignore_index", seed=143)
+    class_dim = 1 if kind == "pixels" else -1
+    left_out = (~valid).unsqueeze(class_dim).expand_as(s)
+    bad_s = s.masked_fill(left_out, math.nan)
+    bad_t = t.masked_fill(left_out, math.inf)
+    out, grad = _value_and_grad(lambda x: loss(x, t, labels, **kwargs), s)
+    bad_out, bad_grad = _value_and_grad(lambda x: loss(x, bad_t, labels, **kwargs), bad_s)
+    torch.testing.assert_close(bad_out, out)
+    torch.testing.assert_close(bad_grad, grad)
+    assert torch.equal(grad[left_out], torch.zeros(int(left_out.sum())))
+
+
+@pytest.mark.parametrize("kind", list(DENSE_SHAPES))
+@pytest.mark.parametrize("name", [*PER_POSITION_LOSSES, "dist"])
+def test_no_valid_position_gives_zero(name, kind):
+    """A batch whose positions are all left out (all padding) gives 0 with zero gradients, not NaN or an error."""
+    loss = PER_POSITION_LOSSES[name][0] if name != "dist" else (
+        lambda s, t, y, **kw: dist_loss(s, t, 1.0, 2.0, 2.0, target=y, **kw))
+    s, t = _dense(kind, seed=151).float(), _dense(kind, seed=152).float()
+    labels = _labels(kind, seed=153, ignored=False)
+    nothing = torch.zeros(_position_shape(kind), dtype=torch.bool)
+    for kwargs, y in (({"mask": nothing}, labels), ({}, torch.full_like(labels, IGNORE))):
+        out, grad = _value_and_grad(lambda x: loss(x, t, y, **kwargs), s)
+        assert out.dtype == torch.float32 and out.item() == 0.0
+        assert torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_class_dim_defaults_and_explicit():
+    s, t = _rand(6, 8, seed=161).float().reshape(2, 3, 8), _rand(6, 8, seed=162).float().reshape(2, 3, 8)
+    mask = torch.tensor([[True, False, True], [True, True, False]])
+    y = torch.randint(0, 8, (2, 3), generator=torch.Generator().manual_seed(163))
+    # tokens (B, T, V): the default is the last dim; the same data as (B, V, T) needs class_dim=1
+    for fn in (lambda a, b, **kw: kd_loss(a, b, 2.0, mask=mask, **kw),
+               lambda a, b, **kw: dkd_loss(a, b, y, mask=mask, **kw),
+               lambda a, b, **kw: dist_loss(a, b, mask=mask, **kw),
+               lambda a, b, **kw: normkd_loss(a, b, mask=mask, **kw)):
+        out = fn(s, t)
+        torch.testing.assert_close(fn(s, t, class_dim=-1), out)
+        torch.testing.assert_close(fn(s, t, class_dim=2), out)
+        torch.testing.assert_close(fn(s.transpose(1, 2), t.transpose(1, 2), class_dim=1), out)
+    # pixels: (B, C, H, W) by default, channels-last (B, H, W, C) with class_dim=-1
+    p_s, p_t = _dense("pixels", seed=164).float(), _dense("pixels", seed=165).float()
+    out = kd_loss(p_s, p_t)
+    torch.testing.assert_close(kd_loss(p_s.permute(0, 2, 3, 1), p_t.permute(0, 2, 3, 1), class_dim=-1), out)
+
+
+def test_dense_standardize_per_position():
+    for kind, class_dim in (("pixels", 1), ("tokens", 2)):
+        z = _dense(kind, seed=171)
+        out = standardize_logits(z.float())
+        assert out.shape == z.shape and out.dtype == torch.float32
+        for index in _position_indices(kind):
+            expected = naive_standardize(_row(z, kind, index))
+            got = _row(out, kind, index).double()
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        # an explicit class_dim moves the statistics
+        moved = standardize_logits(z.float().movedim(class_dim, -1), class_dim=-1)
+        torch.testing.assert_close(moved.movedim(-1, class_dim), out)
+
+
+def _dense_bf16_cases():
+    s = _dense("pixels", seed=181).to(torch.bfloat16)
+    t = _dense("pixels", seed=182).to(torch.bfloat16)
+    y = _labels("pixels", seed=183, ignored=True)
+    mask = _mask("pixels", seed=184)
+    return {
+        "kd": lambda a, b: kd_loss(a, b, 2.0, mask=mask, target=y),
+        "dkd": lambda a, b: dkd_loss(a, b, y, mask=mask),
+        "dist": lambda a, b: dist_loss(a, b, temperature=2.0, mask=mask, target=y),
+        "normkd": lambda a, b: normkd_loss(a, b, mask=mask, target=y),
+        "standardize": lambda a, b: standardize_logits(a),
+    }, s, t
+
+
+@pytest.mark.parametrize("name", list(_dense_bf16_cases()[0]))
+def test_dense_bf16_inputs_give_float32(name):
+    """bf16 logits are upcast before any maths: the result is float32 and equals the float32 call."""
+    cases, s, t = _dense_bf16_cases()
+    out = cases[name](s, t)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    torch.testing.assert_close(out, cases[name](s.float(), t.float()), rtol=1e-6, atol=1e-6)
+
+
+def test_dense_bad_arguments():
+    s = torch.zeros(2, 3, 4, 5)
+    y = torch.zeros(2, 4, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="boolean"):
+        kd_loss(s, s, mask=torch.ones(2, 4, 5))
+    with pytest.raises(ValueError, match=r"\(2, 4, 5\)"):
+        kd_loss(s, s, mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"target must have the shape .*\(2, 4, 5\)"):
+        dkd_loss(s, s, y[:, 0])
+    with pytest.raises(ValueError, match="class_dim must not be 0"):
+        kd_loss(s, s, class_dim=0)
+    with pytest.raises(ValueError, match="out of range"):
+        normkd_loss(s, s, class_dim=4)
+    with pytest.raises(ValueError, match="out of range"):
+        standardize_logits(s, class_dim=-5)
+    with pytest.raises(ValueError, match=r"\(B, C\), \(B, C, H, W\) or \(B, T, V\)"):
+        dist_loss(torch.zeros(3), torch.zeros(3))
+    with pytest.raises(ValueError, match="same shape"):
+        kd_loss(s, s[:, :, :, :4])
+    with pytest.raises(ValueError, match="temperature"):
+        kd_loss(s, s, torch.ones(2, 4))  # one temperature per sample or per batch, not per pixel
+
+
+# --------------------------------------------------------------------------- #
 # CTKD pieces
 # --------------------------------------------------------------------------- #
 @pytest.mark.parametrize("lam", [0.0, 0.5, 1.0, 2.0])
