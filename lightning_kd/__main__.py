@@ -1,4 +1,4 @@
-from lightning_kd.cli import main
+from lightning_kd.entry import console_main
 
 if __name__ == "__main__":
-    main()
+    console_main()

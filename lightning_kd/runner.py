@@ -21,37 +21,47 @@ Each run is a mapping of CLI arguments (``{"model": "KD", "model.temperature": 4
 unless they set ``model.teacher`` themselves. Every finished (run, seed) is appended to ``results.jsonl`` with
 its resolved config, and is not run again while its arguments and config files are unchanged, so an
 interrupted sweep resumes where it stopped (``--overwrite`` reruns everything).
+
+Reliability: a fit stopped by SIGINT/SIGTERM (or a crash) leaves a checkpoint in the run's folder (``last.ckpt``
+after every epoch, ``interrupted.ckpt`` at the batch where it stopped, random number generator states included) and
+the next ``lightning-kd run`` continues that (run, seed) from it, to the same final weights. Several processes may
+share one ``output_dir``: a (run, seed) is claimed with a lock file before it runs and ``results.jsonl`` is appended
+under a lock, so none runs twice and no line is interleaved; a line cut short by a crash is skipped with a warning.
 """
+
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
-import math
+import os
+import random
 import re
-import sys
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
+import torch
 import yaml
+from filelock import FileLock, Timeout
 from lightning.pytorch.callbacks import Callback
 
-from lightning_kd.search import expand, label, select_best, sensitivity_rows
+from lightning_kd.models.weights import load_checkpoint
+from lightning_kd.report import (COLUMNS, PERCENT, latest_records, mean_std, plot_results,  # noqa: F401  (API)
+                                 plot_sensitivity, report, results_table, search_report, table_runs)
+from lightning_kd.search import SEARCH_DEFAULTS, expand, label, search_options, select_best  # noqa: F401
 
-COLUMNS = {
-    "test/acc": "top-1 last (%)",
-    "best_val_acc": "top-1 best epoch (%)",
-    "test/agreement": "agreement (%)",
-    "wall_time_s": "time (s)",
-}
-PERCENT = {"test/acc", "best_val_acc", "test/agreement"}
+EXPERIMENT_KEYS = ("output_dir", "config", "common", "seeds", "defaults", "teacher", "runs", "search")
+RESUME_FILES = ("interrupted.ckpt", "last.ckpt")
 
 
 class ValidationHistory(Callback):
-    """Collects ``val/acc`` after every validation epoch (sanity checks excluded)."""
+    """Collects ``val/acc`` after every validation epoch (sanity checks excluded); kept in checkpoints so that a
+    resumed fit reports the whole curve."""
 
     def __init__(self):
         self.accuracies: list[float] = []
@@ -59,6 +69,64 @@ class ValidationHistory(Callback):
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking and "val/acc" in trainer.callback_metrics:
             self.accuracies.append(float(trainer.callback_metrics["val/acc"]))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"accuracies": list(self.accuracies)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.accuracies = list(state_dict.get("accuracies", []))
+
+
+class ResumeCheckpoints(Callback):
+    """Makes a fit resumable from ``directory``: ``last.ckpt`` after every training epoch and ``interrupted.ckpt``
+    when SIGINT/SIGTERM (or an error) stops it between batches, each written under a temporary name and then
+    renamed (a kill while saving leaves the previous file whole). The checkpoints carry the random number
+    generators' states (torch, CUDA, NumPy, Python), restored on resume, so that a resumed fit draws what an
+    uninterrupted one would. Every file loads with ``torch.load(weights_only=True)``."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+
+    def _save(self, trainer, name: str) -> None:
+        target = self.directory / name
+        partial = target.with_name(name + ".partial")
+        trainer.save_checkpoint(partial)
+        if trainer.is_global_zero:
+            os.replace(partial, target)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._save(trainer, "last.ckpt")
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if trainer.sanity_checking or not trainer.training:
+            return  # stopped in validation: last.ckpt (the previous epoch) is the consistent state
+        self._save(trainer, "interrupted.ckpt")
+
+    def state_dict(self) -> dict[str, Any]:
+        import numpy as np
+
+        kind, keys, position, has_gauss, cached = np.random.get_state()
+        return {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "numpy": [kind, torch.from_numpy(keys.astype("int64")), position, has_gauss, cached],
+                "python": random.getstate()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        import numpy as np
+
+        torch.set_rng_state(state_dict["torch"])
+        if state_dict["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
+        kind, keys, position, has_gauss, cached = state_dict["numpy"]
+        np.random.set_state((kind, keys.numpy().astype("uint32"), position, has_gauss, cached))
+        version, internal, gauss = state_dict["python"]
+        random.setstate((version, tuple(internal), gauss))
+
+
+def resume_checkpoint(directory: Path) -> Path | None:
+    """The newest checkpoint a stopped fit left in ``directory`` (``None`` when there is none)."""
+    found = [directory / name for name in RESUME_FILES if (directory / name).is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 
 def _arguments(mapping: dict[str, Any]) -> list[str]:
@@ -83,9 +151,9 @@ def _slug(name: str) -> str:
 def _cli(args: list[str], root: Path, seed: int) -> Any:
     from lightning_kd.cli import DistillationCLI
 
-    with mock.patch.object(sys, "argv", sys.argv[:1]):  # the arguments are ``args``, not this process's
-        return DistillationCLI(args=[*args, "--seed_everything", str(seed), "--trainer.default_root_dir", str(root)],
-                               run=False)
+    # ``args`` are parsed as given (DistillationCLI never reads this process's sys.argv when ``args`` is passed)
+    return DistillationCLI(args=[*args, "--seed_everything", str(seed), "--trainer.default_root_dir", str(root)],
+                           run=False)
 
 
 def _check_validation_split(datamodule: Any) -> None:
@@ -96,20 +164,31 @@ def _check_validation_split(datamodule: Any) -> None:
                          "so that a validation split is carved from the training set")
 
 
-def fit_and_test(args: list[str], root: Path, seed: int, test: bool = True) -> tuple[dict[str, Any], Any]:
+def fit_and_test(args: list[str], root: Path, seed: int, test: bool = True,
+                 resume_dir: Path | None = None) -> tuple[dict[str, Any], Any]:
     """``lightning-kd fit`` with ``args``, then ``test`` on the final weights. Returns the record (test metrics,
     per-epoch validation accuracy, best of it, wall time, resolved config) and the fitted module.
 
     With ``test=False`` (a search candidate) the data must have a validation split of its own, the test split is
-    never read, and the student's final weights are kept in ``root/student.pt``."""
+    never read, and the student's final weights are kept in ``root/student.pt``. With ``resume_dir`` the fit
+    writes resumable checkpoints there (:class:`ResumeCheckpoints`) and continues from the newest one it finds."""
     start = time.perf_counter()
     cli = _cli(args, root, seed)
     if not test:
         _check_validation_split(cli.datamodule)
     history = ValidationHistory()
     cli.trainer.callbacks.append(history)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    ckpt_path = None
+    if resume_dir is not None:
+        resume_dir.mkdir(parents=True, exist_ok=True)
+        cli.trainer.callbacks.append(ResumeCheckpoints(resume_dir))
+        ckpt_path = resume_checkpoint(resume_dir)
+        if ckpt_path is not None:
+            load_checkpoint(ckpt_path, "the checkpoint of the interrupted fit")  # one clear error if it is damaged
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
     record: dict[str, Any] = {}
+    if ckpt_path is not None:
+        record["resumed_from"] = str(ckpt_path)
     if test:
         record.update({k: float(v) for k, v in cli.trainer.test(cli.model, datamodule=cli.datamodule,
                                                                    verbose=False)[0].items()})
@@ -128,11 +207,9 @@ def fit_and_test(args: list[str], root: Path, seed: int, test: bool = True) -> t
 
 def test_weights(args: list[str], root: Path, seed: int, student_weights: str) -> dict[str, Any]:
     """``test`` of the module that ``args`` describe with the student's weights from ``student_weights``."""
-    import torch
-
     start = time.perf_counter()
     cli = _cli(args, root, seed)
-    cli.model.student.load_state_dict(torch.load(student_weights, map_location="cpu", weights_only=True))
+    cli.model.student.load_state_dict(load_checkpoint(student_weights, "student weights"))
     metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
     record: dict[str, Any] = {k: float(v) for k, v in metrics.items()}
     record["wall_time_s"] = time.perf_counter() - start
@@ -145,15 +222,7 @@ def _common_arguments(spec: dict[str, Any]) -> list[str]:
     return fragments + _arguments(spec.get("common", {}))
 
 
-SEARCH_DEFAULTS = {"select": "last", "samples": None, "seed": 0, "seeds": None, "retrain": True}
-
-
-def _search_options(spec: dict[str, Any]) -> dict[str, Any]:
-    options = {**SEARCH_DEFAULTS, **spec.get("search", {})}
-    unknown = set(options) - set(SEARCH_DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown search options {sorted(unknown)}; known: {sorted(SEARCH_DEFAULTS)}")
-    return options
+_search_options = search_options
 
 
 def _run_specs(spec: dict[str, Any], teacher_weights: str | Path) -> list[tuple[str, dict[str, Any], list[str],
@@ -173,7 +242,7 @@ def run_arguments(spec: dict[str, Any], teacher_weights: str | Path) -> list[tup
     """The CLI arguments of every run of an experiment ``spec``, in order: ``("teacher", args)`` first unless the
     teacher is given as a weights file, then each run (which gets the teacher as ``teacher_weights``); a run with
     searched arguments gives one entry per setting, named ``run [setting]``."""
-    options, teacher = _search_options(spec), spec["teacher"]
+    options, teacher = search_options(spec), spec["teacher"]
     entries = [] if "weights" in teacher else [("teacher", _common_arguments(spec) + _arguments(teacher))]
     for name, run, common, extra in _run_specs(spec, teacher_weights):
         settings = expand(run, options["samples"], options["seed"])
@@ -183,37 +252,180 @@ def run_arguments(spec: dict[str, Any], teacher_weights: str | Path) -> list[tup
     return entries
 
 
+# ----------------------------------------------------------------------------------------------- records and claims
+def read_records(results_file: Path) -> list[dict[str, Any]]:
+    """The records of ``results.jsonl``; a line that is not a whole JSON record (a crash while writing it) is
+    skipped with a warning."""
+    if not results_file.exists():
+        return []
+    records = []
+    for number, line in enumerate(results_file.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or not {"run", "seed", "fingerprint"} <= set(record):
+            warnings.warn(f"{results_file}:{number} is not a whole record (cut short by a crash while writing?): "
+                          "skipped; its run will run again", stacklevel=2)
+            continue
+        records.append(record)
+    return records
+
+
+def append_record(results_file: Path, record: dict[str, Any]) -> None:
+    """Append ``record`` as one line of ``results_file`` under its lock, flushed to disk; a last line left without
+    its newline by a crash is closed first, so the new record stays a line of its own."""
+    with FileLock(str(results_file) + ".lock"):
+        with results_file.open("ab+") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell():
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+            f.write((json.dumps(record) + "\n").encode())
+            f.flush()
+            os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def claim(output_dir: Path, name: str, seed: int, key: str, wait: bool) -> Iterator[bool]:
+    """Hold the lock of (``name``, ``seed``, ``key``) in ``output_dir/.claims`` while the block runs; yields whether
+    it was taken (with ``wait=False`` a lock held by another process is not waited for). A process that dies
+    releases its locks."""
+    directory = output_dir / ".claims"
+    directory.mkdir(exist_ok=True)
+    lock = FileLock(str(directory / f"{_slug(name)[:80]}-seed{seed}-{key}.lock"))
+    try:
+        lock.acquire(timeout=-1 if wait else 0)
+    except Timeout:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
+
+
 class _Executor:
-    """Runs (name, args) over seeds unless already recorded, appending each record to ``results.jsonl``."""
+    """Runs (name, args) over seeds unless already recorded, appending each record to ``results.jsonl``. A (run,
+    seed) another process is running is left to it and its record read when it is done."""
 
     def __init__(self, output_dir: Path, records: list[dict[str, Any]], overwrite: bool, console: Any):
         self.output_dir, self.records, self.console = output_dir, records, console
         self.results_file = output_dir / "results.jsonl"
+        # with ``overwrite`` the records found at the start do not count as done, those appended since do
+        self.ignored = len(records) if overwrite else 0
         self.done = {} if overwrite else {(r["run"], r["seed"], r["fingerprint"]): r for r in records}
         self.count = 0
+
+    def refresh(self) -> None:
+        """Take in the records other processes appended since."""
+        for record in read_records(self.results_file)[self.ignored:]:
+            entry = (record["run"], record["seed"], record["fingerprint"])
+            if entry not in self.done:
+                self.records.append(record)
+                self.done[entry] = record
+
+    def _run_one(self, name: str, args: list[str], seed: int, key: str, model: str, test: bool,
+                 extra: dict[str, Any] | None, weights_of: dict[int, str] | None, wait: bool) -> dict | None:
+        with claim(self.output_dir, name, seed, key, wait) as taken:
+            if not taken:
+                return None
+            self.refresh()
+            if (name, seed, key) in self.done:
+                return self.done[(name, seed, key)]
+            self.count += 1
+            _announce(self.console, name, seed, self.count)
+            root = self.output_dir / _slug(name) / f"seed{seed}"
+            resume_dir = root / f"resume-{key}"
+            if weights_of is not None:
+                metrics = test_weights(args, root, seed, weights_of[seed])
+            else:
+                metrics, _ = fit_and_test(args, root, seed, test=test, resume_dir=resume_dir)
+            record = _record(self.results_file, name, seed, key, model, {**(extra or {}), **metrics})
+            _remove_resume_files(resume_dir)
+            self.records.append(record)
+            self.done[(name, seed, key)] = record
+            return record
 
     def __call__(self, name: str, args: list[str], seeds: list[int], key_parts: tuple, model: str,
                  test: bool = True, extra: dict[str, Any] | None = None,
                  weights_of: dict[int, str] | None = None) -> list[dict[str, Any]]:
-        rows = []
+        rows: dict[int, dict[str, Any]] = {}
+        busy = []
         for seed in seeds:
             variant = () if test and weights_of is None else (test, weights_of and weights_of.get(seed))
             key = _fingerprint(args, seed, *key_parts, *variant)
             if (name, seed, key) in self.done:
-                rows.append(self.done[(name, seed, key)])
+                rows[seed] = self.done[(name, seed, key)]
                 continue
-            self.count += 1
-            _announce(self.console, name, seed, self.count)
-            root = self.output_dir / _slug(name) / f"seed{seed}"
-            if weights_of is not None:
-                metrics = test_weights(args, root, seed, weights_of[seed])
+            record = self._run_one(name, args, seed, key, model, test, extra, weights_of, wait=False)
+            if record is None:
+                busy.append((seed, key))
             else:
-                metrics, _ = fit_and_test(args, root, seed, test=test)
-            record = _record(self.results_file, name, seed, key, model, {**(extra or {}), **metrics})
-            self.records.append(record)
-            self.done[(name, seed, key)] = record
-            rows.append(record)
-        return rows
+                rows[seed] = record
+        for seed, key in busy:  # another process runs these: wait for it, then take its record (or run it)
+            rows[seed] = self._run_one(name, args, seed, key, model, test, extra, weights_of, wait=True)
+        return [rows[seed] for seed in seeds]
+
+
+def _remove_resume_files(directory: Path) -> None:
+    for name in RESUME_FILES:
+        (directory / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        directory.rmdir()
+
+
+# ---------------------------------------------------------------------------------------------- experiment files
+def load_experiment(path: str | Path) -> dict[str, Any]:
+    """The experiment file at ``path``, checked: a YAML error names its line, an unknown top-level key or a missing
+    ``teacher``/``runs`` is an error naming the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"experiment file {str(path)!r} does not exist: pass the path of an experiment YAML "
+                                "file, e.g. configs/experiments/digits/quickstart.yaml")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "somewhere"
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(f"{path} is not valid YAML ({where}: {problem}): fix the file there (check the indentation "
+                         "and that every 'key: value' is closed)") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path} must be a mapping with the keys {', '.join(EXPERIMENT_KEYS)}, "
+                         f"not a {type(spec).__name__}")
+    unknown = [key for key in spec if key not in EXPERIMENT_KEYS]
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {', '.join(map(repr, unknown))}; an experiment file has "
+                         f"{', '.join(EXPERIMENT_KEYS)} (arguments of the runs go under 'common', 'defaults' or a run)")
+    for key in ("teacher", "runs"):
+        if not isinstance(spec.get(key), dict):
+            raise ValueError(f"{path}: '{key}' must be a mapping of CLI arguments (see lightning_kd.runner)")
+    if "model.student" not in spec["teacher"]:
+        raise ValueError(f"{path}: the teacher needs 'model.student' (its architecture), e.g. "
+                         "{model: Supervised, model.student: cnn_large} or {model.student: cnn_large, weights: t.pt}")
+    seeds = spec.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise ValueError(f"{path}: seeds must be a non-empty list of integers, e.g. [0, 1, 2]")
+    search_options(spec)
+    return spec
+
+
+def output_directory(spec: dict[str, Any], path: str | Path) -> Path:
+    """The experiment's ``output_dir`` (default ``runs/<file stem>``), created and checked to be writable."""
+    output_dir = Path(spec.get("output_dir") or Path("runs") / Path(path).stem)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise PermissionError(f"cannot write to output_dir {str(output_dir)!r} ({error.strerror or error}): set "
+                              "output_dir in the experiment file to a folder you can write to") from None
+    return output_dir
 
 
 def run_experiment(path: str | Path, overwrite: bool = False, console: Any = None) -> list[dict[str, Any]]:
@@ -223,28 +435,35 @@ def run_experiment(path: str | Path, overwrite: bool = False, console: Any = Non
     (default: the experiment's seeds) and scores it on the validation split only; the best setting by mean
     validation top-1 (``search.select``: ``last`` or ``best`` epoch) is then tested, as ``<run> (selected)``:
     trained again on every seed when ``search.retrain`` (the default), else the candidates' own weights."""
-    spec = yaml.safe_load(Path(path).read_text())
-    output_dir = Path(spec.get("output_dir", Path("runs") / Path(path).stem))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    seeds, options = spec.get("seeds", [0]), _search_options(spec)
+    spec = load_experiment(path)
+    output_dir = output_directory(spec, path)
+    seeds, options = spec.get("seeds", [0]), search_options(spec)
     results_file = output_dir / "results.jsonl"
-    records = [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.exists() else []
+    records = read_records(results_file)
     execute = _Executor(output_dir, records, overwrite, console)
 
     teacher_spec = spec["teacher"]
     teacher_model = teacher_spec["model.student"]
     if "weights" in teacher_spec:
         teacher_weights, teacher_key = Path(teacher_spec["weights"]), _fingerprint(teacher_spec)
+        load_checkpoint(teacher_weights, "the teacher's weights")  # a missing, unsafe or damaged file stops here
     else:
         teacher_args = _common_arguments(spec) + _arguments(teacher_spec)
         teacher_key = _fingerprint(teacher_args, seeds[0])
         teacher_weights = output_dir / f"teacher-{teacher_key}.pt"
-        if not teacher_weights.exists() or ("teacher", seeds[0], teacher_key) not in {
-                (r["run"], r["seed"], r["fingerprint"]) for r in records}:
-            _announce(console, "teacher", seeds[0], 0)
-            record, module = fit_and_test(teacher_args, output_dir / "teacher", seeds[0])
-            module.export_student(teacher_weights)
-            records.append(_record(results_file, "teacher", seeds[0], teacher_key, teacher_model, record))
+        with claim(output_dir, "teacher", seeds[0], teacher_key, wait=True):
+            execute.refresh()
+            if not teacher_weights.exists() or ("teacher", seeds[0], teacher_key) not in execute.done:
+                _announce(console, "teacher", seeds[0], 0)
+                resume_dir = output_dir / "teacher" / f"resume-{teacher_key}"
+                record, module = fit_and_test(teacher_args, output_dir / "teacher", seeds[0], resume_dir=resume_dir)
+                partial = teacher_weights.with_name(teacher_weights.name + ".partial")
+                module.export_student(partial)
+                os.replace(partial, teacher_weights)
+                record = _record(results_file, "teacher", seeds[0], teacher_key, teacher_model, record)
+                records.append(record)
+                execute.done[("teacher", seeds[0], teacher_key)] = record
+                _remove_resume_files(resume_dir)
 
     for name, run, common, extra_args in _run_specs(spec, teacher_weights):
         model = run.get("model.student", "?")
@@ -284,155 +503,8 @@ def _announce(console: Any, name: str, seed: int, index: int) -> None:
 
 def _record(results_file: Path, name: str, seed: int, key: str, model: str, metrics: dict[str, Any]) -> dict:
     record = {"run": name, "seed": seed, "fingerprint": key, "model": model, **metrics}
-    with results_file.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_record(results_file, record)
     return record
-
-
-def latest_records(records: list[dict[str, Any]], run_names: list[str]) -> dict[str, list[dict[str, Any]]]:
-    """The last record of each (run, seed), grouped by run in ``run_names`` order (runs without records left
-    out)."""
-    latest: dict[tuple[str, int], dict] = {}
-    for record in records:
-        latest[(record["run"], record["seed"])] = record
-    grouped = {name: [r for (run, _), r in latest.items() if run == name] for name in run_names}
-    return {name: rows for name, rows in grouped.items() if rows}
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return mean, std
-
-
-def _cell(values: list[float], percent: bool) -> str:
-    if not values:
-        return "—"
-    scale, digits = (100, 2) if percent else (1, 0)
-    mean, std = mean_std([scale * v for v in values])
-    return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def results_table(records: list[dict[str, Any]], run_names: list[str]) -> str:
-    """A markdown table, one row per run in ``run_names`` order: model, mean (± sample std over seeds) of test
-    top-1 at the last epoch, of the best epoch's validation top-1, of the agreement with the teacher, of the
-    wall time, and the number of seeds."""
-    lines = ["| run | model | " + " | ".join(COLUMNS.values()) + " | seeds |",
-             "|---|---|" + "---:|" * (len(COLUMNS) + 1)]
-    for name, rows in latest_records(records, run_names).items():
-        cells = [_cell([r[k] for r in rows if k in r], k in PERCENT) for k in COLUMNS]
-        lines.append(f"| {name} | {rows[0]['model']} | " + " | ".join(cells) + f" | {len(rows)} |")
-    return "\n".join(lines)
-
-
-def plot_results(records: list[dict[str, Any]], run_names: list[str], path: str | Path) -> None:
-    """A PNG with two panels: last-epoch test top-1 per run (mean, error bar = std over seeds), and validation
-    top-1 per epoch (mean over seeds) for every run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    grouped = latest_records(records, run_names)
-    fig, (bars, curves) = plt.subplots(1, 2, figsize=(11, 4))
-    stats = [mean_std([100 * r["test/acc"] for r in rows]) for rows in grouped.values()]
-    bars.bar(range(len(stats)), [m for m, _ in stats], yerr=[s for _, s in stats], capsize=4, color="tab:blue")
-    bars.set_xticks(range(len(stats)), list(grouped), rotation=30, ha="right")
-    low = min(m - s for m, s in stats) if stats else 0
-    bars.set_ylim(max(0.0, low - 2), 100)
-    bars.set_ylabel("test top-1, last epoch (%)")
-    for name, rows in grouped.items():
-        length = min((len(r.get("val_acc", [])) for r in rows), default=0)
-        if length:
-            mean_curve = [100 * sum(r["val_acc"][e] for r in rows) / len(rows) for e in range(length)]
-            curves.plot(range(1, length + 1), mean_curve, label=name)
-    curves.set_xlabel("epoch")
-    curves.set_ylabel("validation top-1 (%)")
-    curves.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def table_runs(spec: dict[str, Any]) -> list[str]:
-    """The table's rows for an experiment ``spec``: the teacher, then each run (``<run> (selected)`` for a
-    searched run)."""
-    options = _search_options(spec)
-    return ["teacher", *(f"{name} (selected)" if expand({**spec.get("defaults", {}), **run}, options["samples"],
-                                                      options["seed"]) else name
-                         for name, run in spec["runs"].items())]
-
-
-def search_report(records: list[dict[str, Any]], select: str = "last") -> str:
-    """Per searched run: the setting chosen on validation and its validation score, then its test score, then how
-    the validation score moves with each searched argument. Empty when nothing was searched."""
-    sections = []
-    for name in dict.fromkeys(r["search_of"] for r in records if "search_of" in r):
-        candidates: dict[str, list[dict[str, Any]]] = {}
-        settings: dict[str, dict[str, Any]] = {}
-        for r in latest_records(records, [x["run"] for x in records if x.get("search_of") == name]).values():
-            candidates[r[0]["run"]], settings[r[0]["run"]] = r, r[0]["setting"]
-        selected = latest_records(records, [f"{name} (selected)"]).get(f"{name} (selected)", [])
-        lines = [f"### {name}", ""]
-        if selected:
-            test = [r["test/acc"] for r in selected if "test/acc" in r]
-            lines.append(f"chosen on validation ({select} epoch, {len(next(iter(candidates.values())))} seed(s) per "
-                         f"setting): **{selected[0]['selected']}**, validation top-1 "
-                         f"{100 * selected[0]['selection_score']:.2f}; then test top-1 {_cell(test, True)} "
-                         f"over {len(test)} seed(s)")
-            lines.append("")
-        lines += ["| argument | value | mean validation top-1 (%) | runs |", "|---|---|---:|---:|"]
-        for argument, value, mean, count in sensitivity_rows(candidates, settings, select):
-            lines.append(f"| {argument} | {value} | {100 * mean:.2f} | {count} |")
-        sections.append("\n".join(lines))
-    return "\n\n".join(sections)
-
-
-def plot_sensitivity(records: list[dict[str, Any]], path: str | Path, select: str = "last") -> bool:
-    """One panel per (searched run, argument): mean validation top-1 against the argument's value. Returns whether
-    there was anything to plot."""
-    panels = []
-    for name in dict.fromkeys(r["search_of"] for r in records if "search_of" in r):
-        grouped = latest_records(records, [x["run"] for x in records if x.get("search_of") == name])
-        settings = {run: rows[0]["setting"] for run, rows in grouped.items()}
-        rows = sensitivity_rows(grouped, settings, select)
-        for argument in dict.fromkeys(row[0] for row in rows):
-            panels.append((name, argument, [(v, m) for a, v, m, _ in rows if a == argument]))
-    if not panels:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
-    for ax, (name, argument, points) in zip(axes[0], panels):
-        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v, _ in points)
-        xs = [v for v, _ in points] if numeric else list(range(len(points)))
-        ax.plot(xs, [100 * m for _, m in points], marker="o")
-        if not numeric:
-            ax.set_xticks(xs, [str(v) for v, _ in points])
-        ax.set_xlabel(argument.split(".")[-1])
-        ax.set_ylabel("validation top-1 (%)")
-        ax.set_title(name, fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
-
-
-def report(records: list[dict[str, Any]], run_names: list[str], output_dir: str | Path, select: str = "last") -> str:
-    """Write ``results.md`` (the table, then the search report when something was searched), ``results.png`` and,
-    after a search, ``sensitivity.png`` to ``output_dir``; return the markdown."""
-    text = results_table(records, run_names)
-    searched = search_report(records, select)
-    if searched:
-        text += "\n\n## Hyper-parameter search\n\n" + searched
-        plot_sensitivity(records, Path(output_dir, "sensitivity.png"), select)
-    Path(output_dir, "results.md").write_text(text + "\n")
-    plot_results(records, run_names, Path(output_dir, "results.png"))
-    return text
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -444,9 +516,9 @@ def main(argv: list[str] | None = None) -> None:
 
     console = Console()
     records = run_experiment(args.experiment, overwrite=args.overwrite, console=console)
-    spec = yaml.safe_load(Path(args.experiment).read_text())
-    output_dir = Path(spec.get("output_dir", Path("runs") / Path(args.experiment).stem))
-    table = report(records, table_runs(spec), output_dir, _search_options(spec)["select"])
+    spec = load_experiment(args.experiment)
+    output_dir = output_directory(spec, args.experiment)
+    table = report(records, table_runs(spec), output_dir, search_options(spec)["select"])
     print()
     print(table)
     print(f"\nrecords: {output_dir / 'results.jsonl'}; table and plot: {output_dir / 'results.md'}, "

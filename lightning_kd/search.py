@@ -113,3 +113,17 @@ def sensitivity_rows(candidates: dict[str, list[dict[str, Any]]], settings: dict
             if scores:
                 rows.append((argument, value, sum(scores) / len(scores), len(scores)))
     return rows
+
+
+SEARCH_DEFAULTS = {"select": "last", "samples": None, "seed": 0, "seeds": None, "retrain": True}
+
+
+def search_options(spec: dict[str, Any]) -> dict[str, Any]:
+    """An experiment's ``search:`` options over :data:`SEARCH_DEFAULTS`; an unknown option is an error."""
+    options = {**SEARCH_DEFAULTS, **(spec.get("search") or {})}
+    unknown = set(options) - set(SEARCH_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown search options {sorted(unknown)}; known: {sorted(SEARCH_DEFAULTS)}")
+    if options["select"] not in ("last", "best"):
+        raise ValueError(f"search.select={options['select']!r}: use 'last' or 'best'")
+    return options

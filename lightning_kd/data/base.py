@@ -78,6 +78,60 @@ class TransformedSubset(Dataset):
         return self.transform(image), target
 
 
+class _SkippedBatches:
+    """The index batches of ``batch_sampler`` after its first ``skip`` (drawn, not loaded)."""
+
+    def __init__(self, batch_sampler: Any, skip: int):
+        self.batch_sampler, self.skip = batch_sampler, skip
+
+    def __iter__(self):  # a generator: the sampler is drawn at the first batch, after Lightning's set_epoch
+        batches = iter(self.batch_sampler)
+        for _ in range(self.skip):
+            next(batches, None)
+        yield from batches
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+
+class ResumableDataLoader(DataLoader):
+    """A training ``DataLoader`` that Lightning resumes mid-epoch: its ``state_dict`` (stored in checkpoints) is the
+    number of batches of the current epoch that training completed, given by ``progress``; after
+    ``load_state_dict`` the next iteration draws the epoch's batches as before and skips that many, so a resumed
+    run sees the same batches as an uninterrupted one (the order comes from the sampler's ``set_epoch``)."""
+
+    def __init__(self, *args, progress: Callable[[], int] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.progress, self.skip = progress, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"completed_batches": int(self.progress()) if self.progress is not None else 0}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.skip = int(state.get("completed_batches", 0))
+
+    @property
+    def _index_sampler(self):
+        batch_sampler = super()._index_sampler
+        if self.skip:
+            batch_sampler, self.skip = _SkippedBatches(batch_sampler, self.skip), 0
+        return batch_sampler
+
+
+def completed_batches(datamodule: L.LightningDataModule) -> Callable[[], int]:
+    """The batches of the current training epoch that ``datamodule``'s trainer has completed (0 at an epoch's
+    end, when the next epoch starts whole)."""
+
+    def progress() -> int:
+        trainer = datamodule.trainer
+        if trainer is None:
+            return 0
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        return done if done < trainer.num_training_batches else 0
+
+    return progress
+
+
 class SplitDataModule(L.LightningDataModule):
     """Loaders over ``self.datasets`` (``"train"``, ``"val"``, ``"test"``, filled by ``setup``), for a subclass
     that saves ``batch_size``, ``shuffle_seed`` and optionally ``num_workers`` (``None``: ``min(8, cpu count)``)
@@ -98,8 +152,15 @@ class SplitDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, sampler: Sampler | None = None) -> DataLoader:
         workers = self.num_workers
-        return DataLoader(self.datasets[split], batch_size=self.hparams.batch_size, sampler=sampler,
-                          num_workers=workers, pin_memory=self.pin_memory, persistent_workers=workers > 0)
+        dataset = self.datasets[split]
+        if len(dataset) == 0:
+            raise ValueError(f"the {split} split of {type(self).__name__} is empty: check the data directory and the "
+                             "split fractions (val_fraction, test_fraction)")
+        kwargs = dict(batch_size=self.hparams.batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=self.pin_memory, persistent_workers=workers > 0)
+        if split == "train":
+            return ResumableDataLoader(dataset, progress=completed_batches(self), **kwargs)
+        return DataLoader(dataset, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         sampler = EpochSeededSampler(len(self.datasets["train"]), self.hparams.shuffle_seed)
