@@ -290,6 +290,167 @@ def test_virtual_teacher_rejects_bad_arguments():
 
 
 # --------------------------------------------------------------------------- #
+# dense outputs: per pixel (B, C, H, W) and per token (B, T, V)
+# --------------------------------------------------------------------------- #
+# 12 pixels of 4 classes; 6 tokens of a 5-word vocabulary
+DENSE_SHAPES = {"pixels": (2, 4, 2, 3), "tokens": (2, 3, 5)}
+IGNORE = -100
+
+
+def _dense(kind: str, seed: int) -> torch.Tensor:
+    return torch.randn(*DENSE_SHAPES[kind], generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 3
+
+
+def _classes(kind: str) -> int:
+    return DENSE_SHAPES[kind][1] if kind == "pixels" else DENSE_SHAPES[kind][2]
+
+
+def _position_shape(kind: str) -> tuple:
+    b, c, *rest = DENSE_SHAPES[kind]
+    return (b, *rest) if kind == "pixels" else (b, c)
+
+
+def _position_indices(kind: str) -> list:
+    shape = _position_shape(kind)
+    if kind == "pixels":
+        return [(b, h, w) for b in range(shape[0]) for h in range(shape[1]) for w in range(shape[2])]
+    return [(b, i) for b in range(shape[0]) for i in range(shape[1])]
+
+
+def _row(x: torch.Tensor, kind: str, index: tuple) -> torch.Tensor:
+    """The logits of one position as a (1, C) matrix."""
+    return (x[index[0], :, index[1], index[2]] if kind == "pixels" else x[index[0], index[1], :]).unsqueeze(0)
+
+
+def _selection(kind, how, seed):
+    """(kwargs, labels, valid positions): a random mask, IGNORE labels, or both (first position kept, last left out)."""
+    g = torch.Generator().manual_seed(seed)
+    shape = _position_shape(kind)
+    labels = torch.randint(0, _classes(kind), shape, generator=g)
+    mask = torch.rand(shape, generator=g) < 0.6
+    drop = torch.rand(shape, generator=g) < 0.35
+    mask.view(-1)[0], mask.view(-1)[-1], drop.view(-1)[0], drop.view(-1)[-1] = True, False, False, True
+    if how == "mask":
+        return {"mask": mask}, labels, mask
+    labels = labels.masked_fill(drop, IGNORE)
+    if how == "ignore_index":
+        return {}, labels, labels != IGNORE
+    return {"mask": mask}, labels, mask & (labels != IGNORE)
+
+
+def naive_dense(kind, valid, per_position):
+    total, count = 0.0, 0
+    for index in _position_indices(kind):
+        if bool(valid[index]):
+            total = total + per_position(index)
+            count += 1
+    return total / count
+
+
+def _valid_rows(x, kind, valid):
+    return torch.cat([_row(x, kind, index) for index in _position_indices(kind) if bool(valid[index])])
+
+
+DENSE_LOSSES = {
+    "rld": (
+        lambda s, t, y, **kw: rld_loss(s, t, y, 1.0, 2.0, 2.0, 1.0, **kw),
+        lambda s, t, y: naive_rld(s, t, [y], 1.0, 2.0, 2.0, 1.0),
+    ),
+    "virtual": (
+        lambda s, t, y, **kw: virtual_teacher_loss(s, y, 0.9, 4.0, **kw),
+        lambda s, t, y: naive_virtual(s, [y], 0.9, 4.0),
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(DENSE_SHAPES))
+@pytest.mark.parametrize("how", ["mask", "ignore_index", "both"])
+@pytest.mark.parametrize("name", list(DENSE_LOSSES))
+def test_dense_matches_naive_loop(name, how, kind):
+    loss, naive = DENSE_LOSSES[name]
+    s, t = _dense(kind, seed=201), _dense(kind, seed=202)
+    kwargs, labels, valid = _selection(kind, how, seed=203)
+    assert 0 < int(valid.sum()) < valid.numel()
+    _assert_matches(
+        lambda x: loss(x, t.float(), labels, **kwargs),
+        lambda x: naive_dense(kind, valid, lambda i: naive(_row(x, kind, i), _row(t, kind, i), labels[i])),
+        s,
+    )
+
+
+@pytest.mark.parametrize("kind", list(DENSE_SHAPES))
+@pytest.mark.parametrize("name", list(DENSE_LOSSES))
+def test_dense_equals_the_flattened_call_and_a_batch_is_one_position_each(name, kind):
+    loss = DENSE_LOSSES[name][0]
+    s, t = _dense(kind, seed=211).float(), _dense(kind, seed=212).float()
+    kwargs, labels, valid = _selection(kind, "both", seed=213)
+    expected = loss(_valid_rows(s, kind, valid), _valid_rows(t, kind, valid), labels[valid])
+    torch.testing.assert_close(loss(s, t, labels, **kwargs), expected, rtol=1e-5, atol=1e-6)
+    # (B, C) keeps its batch mean: identical to (B, C, 1, 1) pixels and (B, 1, C) tokens
+    s2, t2, y2 = _rand(5, 7, seed=214).float(), _rand(5, 7, seed=215).float(), _labels(5, 7, seed=216)
+    out = loss(s2, t2, y2)
+    assert torch.equal(loss(s2[:, :, None, None], t2[:, :, None, None], y2[:, None, None]), out)
+    assert torch.equal(loss(s2[:, None, :], t2[:, None, :], y2[:, None]), out)
+
+
+@pytest.mark.parametrize("name", list(DENSE_LOSSES))
+def test_dense_left_out_positions_nan_padding_and_nothing_valid(name):
+    loss = DENSE_LOSSES[name][0]
+    s, t = _dense("tokens", seed=221).float(), _dense("tokens", seed=222).float()
+    kwargs, labels, valid = _selection("tokens", "both", seed=223)
+    left_out = (~valid).unsqueeze(-1).expand_as(s)
+    out, grad = _value_and_grad(lambda x: loss(x, t, labels, **kwargs), s)
+    bad_out, bad_grad = _value_and_grad(
+        lambda x: loss(x, t.masked_fill(left_out, math.inf), labels, **kwargs), s.masked_fill(left_out, math.nan))
+    torch.testing.assert_close(bad_out, out)
+    torch.testing.assert_close(bad_grad, grad)
+    # every position left out: 0 with zero gradients
+    nothing = torch.zeros_like(valid)
+    out, grad = _value_and_grad(lambda x: loss(x, t, labels, mask=nothing), s)
+    assert out.dtype == torch.float32 and out.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))
+    out = loss(s, t, torch.full_like(labels, IGNORE))
+    assert out.item() == 0.0
+
+
+def test_dense_rld_hand_computed():
+    # the two rows of test_rld_hand_computed as tokens of one sequence, plus a third token labelled IGNORE
+    scd = 0.5 * LN(1.5) + 0.5 * LN(0.75)
+    mcd1 = LN(2 / 3) / 3 + 2 / 3 * LN(4 / 3)
+    s = torch.zeros(1, 3, 3)
+    t = torch.log(torch.tensor([[[1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [9.0, 1.0, 1.0]]]))
+    got = rld_loss(s, t, torch.tensor([[1, 2, IGNORE]]), 1.0, 8.0, 1.0)
+    assert got.item() == pytest.approx(1.0 * scd + 8.0 * (0.0 + mcd1) / 2, abs=1e-6)
+    # the virtual teacher on two pixels, one of them masked out: the loss of the other (test above)
+    z = math.exp(0.9) + 2 * math.exp(0.05)
+    kl = sum(qk * LN(3 * qk) for qk in (math.exp(0.9) / z, math.exp(0.05) / z, math.exp(0.05) / z))
+    got = virtual_teacher_loss(torch.zeros(1, 3, 1, 2), torch.tensor([[[0, 1]]]), 0.9, 1.0,
+                               mask=torch.tensor([[[True, False]]]))
+    assert got.item() == pytest.approx(kl, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", list(DENSE_LOSSES))
+def test_dense_bf16_inputs_give_float32(name):
+    loss = DENSE_LOSSES[name][0]
+    s, t = _dense("pixels", seed=231).bfloat16(), _dense("pixels", seed=232).bfloat16()
+    kwargs, labels, _ = _selection("pixels", "both", seed=233)
+    out = loss(s, t, labels, **kwargs)
+    assert out.dtype == torch.float32 and torch.isfinite(out)
+    torch.testing.assert_close(out, loss(s.float(), t.float(), labels, **kwargs), rtol=1e-6, atol=1e-6)
+
+
+def test_dense_bad_arguments():
+    s, y = torch.zeros(2, 3, 4), torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="mlkd_loss takes \\(B, C\\) logits only"):
+        mlkd_loss(s, s)
+    with pytest.raises(ValueError, match="target must have the shape"):
+        rld_loss(s, s, y[:, :2])
+    with pytest.raises(ValueError, match="boolean"):
+        virtual_teacher_loss(s, y, mask=torch.ones(2, 3))
+    with pytest.raises(ValueError, match="2 classes"):
+        rld_loss(torch.zeros(2, 3, 1), torch.zeros(2, 3, 1), y)
+
+
+# --------------------------------------------------------------------------- #
 # all losses
 # --------------------------------------------------------------------------- #
 @pytest.mark.parametrize("loss", [
