@@ -71,6 +71,25 @@ def dataset_targets(dataset: Dataset) -> Tensor:
                         dtype=torch.long)
 
 
+def training_split(datamodule: Any) -> Dataset | None:
+    """The training split of a data module that keeps its splits in a ``datasets`` dict (every
+    :class:`~lightning_kd.data.SplitDataModule` and wrapper), after its ``setup``; ``None`` for other modules."""
+    datasets = getattr(datamodule, "datasets", None)
+    return datasets.get("train") if isinstance(datasets, dict) else None
+
+
+def index_training_split(datamodule: Any) -> Dataset | None:
+    """Give the training batches of ``datamodule`` their sample indices (``(input, target, index)``): its
+    training split becomes an :class:`IndexedDataset` (unchanged when it already is one, or when the module keeps no
+    ``datasets``). Returns the training split, or ``None``. This is what :class:`IndexedDataModule` does after the
+    wrapped module's ``setup``; methods that keep per-sample state call it from their ``setup``."""
+    datasets = getattr(datamodule, "datasets", None)
+    if not isinstance(datasets, dict) or "train" not in datasets:
+        return None
+    datasets["train"] = with_indices(datasets["train"])
+    return datasets["train"]
+
+
 class IndexedDataModule(WrapperDataModule):
     """``datamodule`` with ``(input, target, index)`` training batches: its training split is wrapped in an
     :class:`IndexedDataset` after its ``setup``; everything else is the wrapped module's.
@@ -83,12 +102,11 @@ class IndexedDataModule(WrapperDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
-        datasets = getattr(self.datamodule, "datasets", None)
-        if not isinstance(datasets, dict) or "train" not in datasets:
+        if index_training_split(self.datamodule) is None:
             raise TypeError(f"IndexedDataModule needs a data module that keeps its splits in a 'datasets' dict with a "
                             f"'train' entry (as SplitDataModule does); {type(self.datamodule).__name__} does not: wrap "
                             "its training data set in lightning_kd.data.IndexedDataset instead")
-        datasets["train"] = with_indices(datasets["train"])
 
 
-__all__ = ["IndexedDataModule", "IndexedDataset", "dataset_targets", "with_indices"]
+__all__ = ["IndexedDataModule", "IndexedDataset", "dataset_targets", "index_training_split", "training_split",
+           "with_indices"]

@@ -364,6 +364,9 @@ class DistillationModule(L.LightningModule):
     def _check_targets(self, target: Tensor, batch_idx: int) -> None:
         if target.device.type != "cpu" and batch_idx > 0:
             return
+        if target.is_floating_point():
+            raise ValueError(f"labels must be class indices (torch.long), but batch {batch_idx} holds {target.dtype} "
+                             "labels: convert them in the data module, e.g. torch.as_tensor(labels, dtype=torch.long)")
         low, high = int(target.min()), int(target.max())
         if low < 0 or high >= self.num_classes:
             raise ValueError(f"labels must lie in [0, {self.num_classes - 1}] for num_classes={self.num_classes}, "
@@ -441,6 +444,10 @@ class DistillationModule(L.LightningModule):
         ce = self.cross_entropy(student_out.logits, batch.target)
         losses = {"ce": self.hparams.ce_weight * ce, **self.distillation_losses(batch, student_out, teacher_out)}
         return self.total_loss(losses, batch_idx)
+
+    def on_train_start(self) -> None:
+        for term in self.terms.values():
+            term.on_train_start()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         for term in self.terms.values():

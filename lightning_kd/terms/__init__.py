@@ -3,7 +3,12 @@ trainable parts from their shapes and returns its weighted losses by name (:clas
 the teacher–student base plus their terms; :class:`~lightning_kd.methods.Distiller` combines any of them."""
 
 from lightning_kd.terms.base import DistillationTerm, term_from_spec
-from lightning_kd.terms.feature import ATTerm, FitNetTerm
+from lightning_kd.terms.contrastive import CRDTerm
+from lightning_kd.terms.feature import ATTerm, FitNetTerm, NSTTerm, ProjectorKDTerm, SRDTerm, VIDTerm
+from lightning_kd.terms.fusion import OFDTerm, ReviewKDTerm
 from lightning_kd.terms.logit import DKDTerm, KDTerm
+from lightning_kd.terms.relation import CCTerm, PKTTerm, RKDTerm, SPTerm
 
-__all__ = ["DistillationTerm", "term_from_spec", "ATTerm", "DKDTerm", "FitNetTerm", "KDTerm"]
+__all__ = ["DistillationTerm", "term_from_spec", "ATTerm", "CRDTerm", "DKDTerm", "FitNetTerm", "KDTerm",
+           "NSTTerm", "ProjectorKDTerm", "SRDTerm", "VIDTerm", "OFDTerm", "ReviewKDTerm", "CCTerm", "PKTTerm",
+           "RKDTerm", "SPTerm"]

@@ -189,6 +189,9 @@ class DistillationTerm(nn.Module):
     def setup(self, stage: str) -> None:
         """Called from the host's ``setup`` (after its own), e.g. to read the training data."""
 
+    def on_train_start(self) -> None:
+        """Called when training starts (the training data loader exists then)."""
+
     def on_train_batch_end(self) -> None:
         """Called after each training batch (after the optimizer step)."""
 

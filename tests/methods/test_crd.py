@@ -85,8 +85,9 @@ def test_loss_is_the_functional_loss_on_the_hooked_embeddings_and_banks_change_a
     x, target, index = torch.randn(4, 3, 32, 32), torch.tensor([1, 2, 3, 0]), torch.tensor([5, 2, 11, 16])
     batch = Batch(x, target, index)
     drawn = []
-    draw = model.contrast_index
-    model.contrast_index = lambda i: drawn.append(draw(i)) or drawn[-1]
+    term = model.terms["crd"]
+    draw = term.contrast_index
+    term.contrast_index = lambda i: drawn.append(draw(i)) or drawn[-1]
     student_out, teacher_out = model.forward_student(batch), model.forward_teacher(batch)
     banks = model.student_memory.memory.clone(), model.teacher_memory.memory.clone()
     losses = model.distillation_losses(batch, student_out, teacher_out)
@@ -138,6 +139,7 @@ def test_heads_are_optimized_checkpointed_restored_and_not_exported(digits, tmp_
     state = checkpoint["state_dict"]
     for key in ("student_memory.memory", "teacher_memory.memory", "nce_normalizers", "train_targets",
                 "student_head.weight", "teacher_head.weight"):
+        key = f"terms.crd.{key}"
         assert torch.equal(state[key], model.state_dict()[key]), key
     model.export_student(tmp_path / "student.pt")
     assert set(torch.load(tmp_path / "student.pt", weights_only=True)) == set(model.student.state_dict())
