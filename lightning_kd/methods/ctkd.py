@@ -1,13 +1,12 @@
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from lightning_kd.losses import cosine_lambda, ctkd_temperature, kd_loss
-from lightning_kd.methods.base import Batch, LogitDistillationModule, ModelOutput
+from lightning_kd.methods.base import DistillationModule
+from lightning_kd.terms import CTKDTerm
 
 
-class CTKD(LogitDistillationModule):
+class CTKD(DistillationModule):
     """Curriculum temperature for knowledge distillation (Li et al., AAAI 2023), global-temperature form.
 
     KD whose temperature is learnt adversarially: ``T = T_min + (T_max − T_min) · sigmoid(θ)`` with θ trained by
@@ -31,13 +30,11 @@ class CTKD(LogitDistillationModule):
                  max_temperature: float = 21.0, min_lambda: float = 0.0, max_lambda: float = 1.0,
                  lambda_epochs: int = 10, **kwargs):
         super().__init__(*args, ce_weight=ce_weight, **kwargs)
-        self.temperature = nn.Parameter(torch.ones(()))
+        self.add_term("ctkd", CTKDTerm(min_temperature, max_temperature, min_lambda, max_lambda, lambda_epochs,
+                                       weight=kd_weight))
 
-    def distillation_losses(self, batch: Batch, student_out: ModelOutput,
-                            teacher_out: ModelOutput) -> dict[str, Tensor]:
-        hp = self.hparams
-        lambda_ = cosine_lambda(self.current_epoch + 1, hp.max_lambda, hp.min_lambda, hp.lambda_epochs)
-        temperature = ctkd_temperature(self.temperature, lambda_, hp.min_temperature, hp.max_temperature)
-        self.log("train/temperature", temperature.detach())
-        student_logits, teacher_logits = self.distillation_logits(student_out, teacher_out)
-        return {"kd": hp.kd_weight * kd_loss(student_logits, teacher_logits, temperature)}
+    @property
+    def temperature(self) -> nn.Parameter:
+        """The learnt raw temperature θ (a trainable scalar; the temperature is ``T_min + (T_max − T_min) ·
+        sigmoid(θ)``)."""
+        return self.terms["ctkd"].temperature

@@ -1,12 +1,10 @@
 from __future__ import annotations
 
-from torch import Tensor
-
-from lightning_kd.losses import dist_loss
-from lightning_kd.methods.base import Batch, LogitDistillationModule, ModelOutput
+from lightning_kd.methods.base import DistillationModule
+from lightning_kd.terms import DISTTerm
 
 
-class DIST(LogitDistillationModule):
+class DIST(DistillationModule):
     """DIST: knowledge distillation from a stronger teacher (Huang et al., NeurIPS 2022).
 
     ``loss = ce_weight · CE + T² · (β · (1 − mean_i ρ(p_s[i], p_t[i])) + γ · (1 − mean_c ρ(p_s[:, c], p_t[:, c])))``
@@ -24,9 +22,4 @@ class DIST(LogitDistillationModule):
     def __init__(self, *args, beta: float = 2.0, gamma: float = 2.0, temperature: float = 4.0,
                  ce_weight: float = 1.0, **kwargs):
         super().__init__(*args, ce_weight=ce_weight, **kwargs)
-
-    def distillation_losses(self, batch: Batch, student_out: ModelOutput,
-                            teacher_out: ModelOutput) -> dict[str, Tensor]:
-        hp = self.hparams
-        student_logits, teacher_logits = self.distillation_logits(student_out, teacher_out)
-        return {"dist": dist_loss(student_logits, teacher_logits, hp.beta, hp.gamma, hp.temperature)}
+        self.add_term("dist", DISTTerm(beta, gamma, temperature))

@@ -1,13 +1,10 @@
 from __future__ import annotations
 
-from torch import Tensor
-
-from lightning_kd.losses import kd_loss
-from lightning_kd.losses.logit_extra import mlkd_loss
-from lightning_kd.methods.base import Batch, LogitDistillationModule, ModelOutput
+from lightning_kd.methods.base import DistillationModule
+from lightning_kd.terms import MLKDTerm
 
 
-class MLKD(LogitDistillationModule):
+class MLKD(DistillationModule):
     """Multi-level logit distillation (Jin et al., "Multi-Level Logit Distillation", CVPR 2023).
 
     One view (the batch the data module gives): ``loss = ce_weight · CE + kd_weight · Σ_T [f_B · (T² · KL +
@@ -44,30 +41,6 @@ class MLKD(LogitDistillationModule):
 
     def __init__(self, *args, temperatures: tuple[float, ...] = (2.0, 3.0, 4.0, 5.0, 6.0), kd_weight: float = 0.9,
                  ce_weight: float = 0.1, strong_temperatures: tuple[float, ...] = (3.0, 4.0, 5.0), **kwargs):
-        unknown = {float(t) for t in strong_temperatures} - {float(t) for t in temperatures}
-        if unknown:
-            raise ValueError(f"strong_temperatures {sorted(unknown)} are not among temperatures "
-                             f"{tuple(temperatures)}: choose strong_temperatures from temperatures")
+        term = MLKDTerm(temperatures, strong_temperatures, weight=kd_weight)  # checks the temperatures first
         super().__init__(*args, ce_weight=ce_weight, **kwargs)
-
-    def distillation_losses(self, batch: Batch, student_out: ModelOutput,
-                            teacher_out: ModelOutput) -> dict[str, Tensor]:
-        hp = self.hparams
-        student_logits, teacher_logits = self.distillation_logits(student_out, teacher_out)
-        losses = {"mlkd": hp.kd_weight * mlkd_loss(student_logits, teacher_logits, hp.temperatures)}
-        strong = batch.views.get("strong")
-        if strong is None:
-            return losses
-        if self.mixing is not None or self.replay_teacher is not None:
-            raise ValueError("MLKD's strong view needs the teacher to see it and is not mixed: with a strong view, set "
-                             "mix=None and drop the teacher-output cache")
-        strong_batch = Batch(strong, batch.target, batch.index)
-        teacher_strong = self.forward_teacher(strong_batch)
-        student_strong = self.forward_student(strong_batch)
-        student_strong_logits, teacher_strong_logits = self.distillation_logits(student_strong, teacher_strong)
-        on_strong = {float(t) for t in hp.strong_temperatures}
-        instance = sum(kd_loss(student_strong_logits, teacher_strong_logits, float(t)) if float(t) in on_strong
-                       else kd_loss(student_logits, teacher_logits, float(t)) for t in hp.temperatures)
-        losses["mlkd_strong"] = hp.kd_weight * instance
-        losses["ce_strong"] = hp.ce_weight * self.cross_entropy(student_strong.logits, batch.target)
-        return losses
+        self.add_term("mlkd", term)

@@ -1,12 +1,10 @@
 from __future__ import annotations
 
-from torch import Tensor
-
-from lightning_kd.losses import normkd_loss
-from lightning_kd.methods.base import Batch, LogitDistillationModule, ModelOutput
+from lightning_kd.methods.base import DistillationModule
+from lightning_kd.terms import NormKDTerm
 
 
-class NormKD(LogitDistillationModule):
+class NormKD(DistillationModule):
     """NormKD: normalized logits for knowledge distillation (Chi et al., 2023).
 
     KD with a per-sample temperature ``T_i = temperature_scale · std(z_i)`` taken from each sample's logits, so
@@ -24,9 +22,4 @@ class NormKD(LogitDistillationModule):
     def __init__(self, *args, temperature_scale: float = 2.0, kd_weight: float = 0.9, ce_weight: float = 0.1,
                  **kwargs):
         super().__init__(*args, ce_weight=ce_weight, **kwargs)
-
-    def distillation_losses(self, batch: Batch, student_out: ModelOutput,
-                            teacher_out: ModelOutput) -> dict[str, Tensor]:
-        student_logits, teacher_logits = self.distillation_logits(student_out, teacher_out)
-        loss = normkd_loss(student_logits, teacher_logits, self.hparams.temperature_scale)
-        return {"kd": self.hparams.kd_weight * loss}
+        self.add_term("normkd", NormKDTerm(temperature_scale, weight=kd_weight))

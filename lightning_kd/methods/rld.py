@@ -1,12 +1,10 @@
 from __future__ import annotations
 
-from torch import Tensor
-
-from lightning_kd.losses.logit_extra import rld_loss
-from lightning_kd.methods.base import Batch, LogitDistillationModule, ModelOutput
+from lightning_kd.methods.base import DistillationModule
+from lightning_kd.terms import RLDTerm
 
 
-class RLD(LogitDistillationModule):
+class RLD(DistillationModule):
     """Refined logit distillation (Sun et al., "Knowledge Distillation with Refined Logits", arXiv:2408.07703, 2024).
 
     ``loss = ce_weight · CE + ramp · (α · SCD + β · MCD)``: sample confidence distillation matches the student's
@@ -30,11 +28,4 @@ class RLD(LogitDistillationModule):
                  confidence_temperature: float | None = None, warmup_epochs: int = 20, ce_weight: float = 1.0,
                  **kwargs):
         super().__init__(*args, ce_weight=ce_weight, **kwargs)
-
-    def distillation_losses(self, batch: Batch, student_out: ModelOutput,
-                            teacher_out: ModelOutput) -> dict[str, Tensor]:
-        hp = self.hparams
-        ramp = self.warmup_ramp(hp.warmup_epochs)
-        student_logits, teacher_logits = self.distillation_logits(student_out, teacher_out)
-        return {"rld": ramp * rld_loss(student_logits, teacher_logits, batch.target, hp.alpha, hp.beta,
-                                       hp.temperature, hp.confidence_temperature)}
+        self.add_term("rld", RLDTerm(alpha, beta, temperature, confidence_temperature, warmup_epochs=warmup_epochs))

@@ -1,13 +1,10 @@
 from __future__ import annotations
 
-from torch import Tensor
-
-from lightning_kd.losses import kd_loss
-from lightning_kd.losses.logit_extra import virtual_teacher_loss
-from lightning_kd.methods.base import Batch, DistillationModule, LogitDistillationModule, ModelOutput
+from lightning_kd.methods.base import DistillationModule
+from lightning_kd.terms import KDTerm, TfKDVirtualTerm
 
 
-class TfKDSelf(LogitDistillationModule):
+class TfKDSelf(DistillationModule):
     """Teacher-free KD by self-training, Tf-KD_self (Yuan et al., "Revisiting Knowledge Distillation via Label
     Smoothing Regularization", CVPR 2020).
 
@@ -33,16 +30,12 @@ class TfKDSelf(LogitDistillationModule):
                  ce_weight: float | None = None, **kwargs):
         ce_weight = 1.0 - alpha if ce_weight is None else ce_weight  # resolved before the base records hparams
         super().__init__(*args, ce_weight=ce_weight, **kwargs)
+        self.add_term("kd", KDTerm(temperature, weight=self.kd_weight))
 
     @property
     def kd_weight(self) -> float:
         """Weight of the batch-mean KD loss: ``α · m / num_classes``."""
         return self.hparams.alpha * self.hparams.multiplier / self.num_classes
-
-    def distillation_losses(self, batch: Batch, student_out: ModelOutput,
-                            teacher_out: ModelOutput) -> dict[str, Tensor]:
-        student_logits, teacher_logits = self.distillation_logits(student_out, teacher_out)
-        return {"kd": self.kd_weight * kd_loss(student_logits, teacher_logits, self.hparams.temperature)}
 
 
 class TfKDVirtual(DistillationModule):
@@ -74,14 +67,9 @@ class TfKDVirtual(DistillationModule):
                  correct_prob: float = 0.99, ce_weight: float | None = None, **kwargs):
         ce_weight = 1.0 - alpha if ce_weight is None else ce_weight  # resolved before the base records hparams
         super().__init__(*args, ce_weight=ce_weight, **kwargs)
+        self.add_term("virtual", TfKDVirtualTerm(correct_prob, temperature, weight=self.kd_weight))
 
     @property
     def kd_weight(self) -> float:
         """Weight of the batch-mean virtual-teacher KL: ``α · m / num_classes``."""
         return self.hparams.alpha * self.hparams.multiplier / self.num_classes
-
-    def distillation_losses(self, batch: Batch, student_out: ModelOutput,
-                            teacher_out: ModelOutput | None) -> dict[str, Tensor]:
-        hp = self.hparams
-        return {"virtual": self.kd_weight * virtual_teacher_loss(student_out.logits, batch.target, hp.correct_prob,
-                                                                 hp.temperature)}
