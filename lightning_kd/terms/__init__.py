@@ -6,9 +6,10 @@ from lightning_kd.terms.base import DistillationTerm, term_from_spec
 from lightning_kd.terms.contrastive import CRDTerm
 from lightning_kd.terms.feature import ATTerm, FitNetTerm, NSTTerm, ProjectorKDTerm, SRDTerm, VIDTerm
 from lightning_kd.terms.fusion import OFDTerm, ReviewKDTerm
-from lightning_kd.terms.logit import DKDTerm, KDTerm
+from lightning_kd.terms.logit import (CTKDTerm, DISTTerm, DKDTerm, KDTerm, MLKDTerm, NormKDTerm, RLDTerm,
+                                      TfKDVirtualTerm)
 from lightning_kd.terms.relation import CCTerm, PKTTerm, RKDTerm, SPTerm
 
 __all__ = ["DistillationTerm", "term_from_spec", "ATTerm", "CRDTerm", "DKDTerm", "FitNetTerm", "KDTerm",
            "NSTTerm", "ProjectorKDTerm", "SRDTerm", "VIDTerm", "OFDTerm", "ReviewKDTerm", "CCTerm", "PKTTerm",
-           "RKDTerm", "SPTerm"]
+           "RKDTerm", "SPTerm", "CTKDTerm", "DISTTerm", "MLKDTerm", "NormKDTerm", "RLDTerm", "TfKDVirtualTerm"]
