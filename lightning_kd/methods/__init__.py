@@ -13,6 +13,7 @@ from lightning_kd.methods.crd import CRD
 from lightning_kd.methods.ctkd import CTKD
 from lightning_kd.methods.datafree import DataFreeKD
 from lightning_kd.methods.dist import DIST
+from lightning_kd.methods.distiller import Distiller
 from lightning_kd.methods.dkd import DKD
 from lightning_kd.methods.dml import DML, OnlineDistillationModule
 from lightning_kd.methods.fitnet import FitNet
@@ -40,7 +41,7 @@ from lightning_kd.models.registry import suggest
 
 METHODS: dict[str, type[DistillationModule]] = {cls.__name__: cls for cls in (
     Supervised, KD, DKD, DIST, CTKD, NormKD, RLD, MLKD, TfKDSelf, TfKDVirtual, MultiTeacherKD, DML, KDCL,
-    DataFreeKD, FitNet, AT, SP, PKT, RKD, NST, CC, VID, FSP, AB, FT, ProjectorKD, SRD, OFD, ReviewKD, CRD)}
+    DataFreeKD, Distiller, FitNet, AT, SP, PKT, RKD, NST, CC, VID, FSP, AB, FT, ProjectorKD, SRD, OFD, ReviewKD, CRD)}
 
 
 def list_methods() -> list[str]:

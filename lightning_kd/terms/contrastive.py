@@ -133,7 +133,9 @@ class CRDTerm(DistillationTerm):
         """Size the banks from ``dataset`` (when not yet built) and read the class of each of its samples."""
         size = len(dataset)
         if self.student_memory is None:
-            self.host.hparams.num_samples = size
+            self.__dict__["_init_args"]["num_samples"] = size
+            if "num_samples" in self.host.hparams:
+                self.host.hparams.num_samples = size
             self.build_memory(size)
         if size != self.num_samples:
             raise ValueError(f"the training set has {size} samples but CRD's memory banks have {self.num_samples} "
