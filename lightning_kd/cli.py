@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LightningCLI
 
+from lightning_kd.checks import InputChecks
 from lightning_kd.methods import DistillationModule
 from lightning_kd.models.weights import load_checkpoint
 
@@ -28,8 +29,8 @@ EXTRA_COMMANDS = """other commands:
 
 class DistillationCLI(LightningCLI):
     """LightningCLI for distillation modules: links the data module's ``num_classes`` and ``in_chans`` to the
-    model so models built by name get the right shapes, and reads ``--ckpt_path`` with ``weights_only=True``
-    only (``--weights_only false`` is refused)."""
+    model so models built by name get the right shapes, checks the batches (:class:`~lightning_kd.checks.InputChecks`)
+    and reads ``--ckpt_path`` with ``weights_only=True`` only (``--weights_only false`` is refused)."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("model_class", DistillationModule)
@@ -39,6 +40,7 @@ class DistillationCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("parser_kwargs", {"epilog": EXTRA_COMMANDS})
+        kwargs.setdefault("trainer_defaults", {"callbacks": [InputChecks()]})
         super().__init__(*args, **kwargs)
 
     def parse_arguments(self, parser, args) -> None:

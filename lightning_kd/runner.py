@@ -39,6 +39,7 @@ import json
 import os
 import random
 import re
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -514,8 +515,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from rich.console import Console
 
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     console = Console()
-    records = run_experiment(args.experiment, overwrite=args.overwrite, console=console)
+    try:
+        records = run_experiment(args.experiment, overwrite=args.overwrite, console=console)
+    except SIGTERMException:
+        print("\nstopped by SIGTERM; the fit's checkpoint is kept: rerun the same command to resume", file=sys.stderr)
+        sys.exit(143)
     spec = load_experiment(args.experiment)
     output_dir = output_directory(spec, args.experiment)
     table = report(records, table_runs(spec), output_dir, search_options(spec)["select"])

@@ -106,8 +106,23 @@ def test_two_process_ddp_on_cpu_trains_and_logs(tmp_path):
 
 
 def test_export_takes_the_best_peer_of_an_online_checkpoint(tmp_path):
-    state = {"student.weight": torch.zeros(2), "peers.0.weight": torch.ones(2), "peers.1.weight": torch.full((2,), 2.0)}
-    for accuracy, expected in (([0.5, 0.7, 0.6], 1.0), ([0.8, 0.7, 0.6], 0.0), ([float("nan")] * 3, 0.0)):
-        torch.save({"state_dict": {**state, "peer_val_acc": torch.tensor(accuracy)}}, tmp_path / "online.ckpt")
+    """Through the module the checkpoint names (its own export_student), for peers of different sizes."""
+    main(["fit", *DIGITS, *QUICK, "--model", "DML", "--model.student", "cnn_tiny", "--model.peers", '["cnn_small", "cnn_tiny"]',
+          "--trainer.enable_checkpointing", "true", "--trainer.default_root_dir", str(tmp_path)])
+    written = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=True)
+    state = written["state_dict"]
+    for accuracy, prefix in (([0.5, 0.7, 0.6], "peers.0."), ([0.8, 0.7, 0.6], "student."), ([0.5, 0.6, 0.7], "peers.1."),
+                             ([float("nan")] * 3, "student.")):
+        state["peer_val_acc"] = torch.tensor(accuracy)
+        torch.save(written, tmp_path / "online.ckpt")
         main(["export", str(tmp_path / "online.ckpt"), str(tmp_path / "best.pt")])
-        assert torch.load(tmp_path / "best.pt")["weight"].tolist() == [expected, expected]
+        exported = torch.load(tmp_path / "best.pt", weights_only=True)
+        expected = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        assert exported.keys() == expected.keys() and all(torch.equal(exported[k], expected[k]) for k in expected)
+
+
+def test_export_without_the_module_name_refuses_to_guess_a_peer(tmp_path):
+    state = {"student.weight": torch.zeros(2), "peers.0.weight": torch.ones(2), "peer_val_acc": torch.tensor([0.1, 0.9])}
+    torch.save({"state_dict": state}, tmp_path / "online.ckpt")
+    with pytest.raises(ValueError, match="several peers but not the module"):
+        main(["export", str(tmp_path / "online.ckpt"), str(tmp_path / "best.pt")])

@@ -52,7 +52,7 @@ def load_checkpoint(path: str | os.PathLike, argument: str = "checkpoint") -> di
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "weights only" in str(error).lower() or "weights_only" in str(error):
+        if "Unsupported global" in str(error) or "GLOBAL" in str(error):
             raise UnsafeCheckpointError(
                 f"{argument} {str(path)!r} holds pickled Python objects that a weights-only load refuses "
                 f"({_refused_global(error)}); it is not loaded, because unpickling them could run code from the "
