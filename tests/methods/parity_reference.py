@@ -196,16 +196,17 @@ def conv_reg_reference(x: Tensor, t_shape: torch.Size, conv: nn.Module, bn: nn.B
 # ------------------------------------------------------------------------------------------------------ CRD
 def crd_reference(f_s: Tensor, f_t: Tensor, index: Tensor, contrast_index: Tensor, student_head: nn.Linear,
                   teacher_head: nn.Linear, student_memory: Tensor, teacher_memory: Tensor, nce_t: float,
-                  momentum: float) -> tuple[Tensor, tuple[float, float], Tensor, Tensor]:
+                  momentum: float, normalizers: tuple[float, float] | None = None,
+                  ) -> tuple[Tensor, tuple[float, float], Tensor, Tensor]:
     """mdistiller ``distillers/CRD.py::CRD.crd_loss`` with ``Embed``, ``ContrastMemory.forward`` and ``ContrastLoss``
-    (= RepDistiller ``crd/criterion.py::CRDLoss`` and ``crd/memory.py::ContrastMemory``), on the first step (the
-    normalisers ``Z`` not yet set).
+    (= RepDistiller ``crd/criterion.py::CRDLoss`` and ``crd/memory.py::ContrastMemory``), with the normalisers
+    ``(Z_s, Z_t)`` of an earlier step, or ``None`` on the first step (``params[2:4] = -1``).
 
     Embeddings ``v = x / |x|₂`` of the linear heads; scores ``exp(M[idx] · v / T)`` of the student embedding
     against the teacher memory (``memory_v2``) and of the teacher embedding against the student memory
-    (``memory_v1``); ``Z = mean(scores) · N`` from this batch, fixed as Python floats; NCE with ``m = K`` and
-    ``P_n = 1/N``: ``−(Σ log(P⁺/(P⁺ + m P_n + ε)) + Σ log(m P_n/(P⁻ + m P_n + ε))) / B`` per side, summed. Then the
-    memory rows of the batch become ``normalize(momentum · M[i] + (1 − momentum) · v)``.
+    (``memory_v1``); unless given, ``Z = mean(scores) · N`` from this batch (Python floats, kept for later steps);
+    NCE with ``m = K`` and ``P_n = 1/N``: ``−(Σ log(P⁺/(P⁺ + m P_n + ε)) + Σ log(m P_n/(P⁻ + m P_n + ε))) / B``
+    per side, summed. Then the memory rows of the batch become ``normalize(momentum · M[i] + (1 − momentum) · v)``.
 
     Returns the loss, ``(Z_s, Z_t)`` and the updated student and teacher memories.
     """
@@ -230,10 +231,11 @@ def crd_reference(f_s: Tensor, f_t: Tensor, index: Tensor, contrast_index: Tenso
     num_data = student_memory.shape[0]
     s_scores = torch.exp(torch.bmm(teacher_memory[contrast_index].detach(), v_s[:, :, None]).squeeze(2) / nce_t)
     t_scores = torch.exp(torch.bmm(student_memory[contrast_index].detach(), v_t[:, :, None]).squeeze(2) / nce_t)
-    z_s = (s_scores.mean() * num_data).item()
-    z_t = (t_scores.mean() * num_data).item()
+    if normalizers is None:
+        normalizers = ((s_scores.mean() * num_data).item(), (t_scores.mean() * num_data).item())
+    z_s, z_t = normalizers
     loss = nce(s_scores / z_s, num_data) + nce(t_scores / z_t, num_data)
-    return loss, (z_s, z_t), update(student_memory, v_s), update(teacher_memory, v_t)
+    return loss, normalizers, update(student_memory, v_s), update(teacher_memory, v_t)
 
 
 # ------------------------------------------------------------------------------------------------- ReviewKD

@@ -258,8 +258,11 @@ def test_fitnet_step_matches_reference(student_name):
 
 
 # ------------------------------------------------------------------------------------------------------- CRD
-def test_crd_step_matches_reference():
-    """CRD's first step (normalisers estimated on it) and its memory update.
+@pytest.mark.parametrize("kd_weight", [0.0, 1.0])
+def test_crd_steps_match_reference(kd_weight):
+    """Two CRD steps on the same weights: the first estimates the normalisers, the second reuses them and reads the
+    memory rows the first one updated (its batch shares two samples). ``kd_weight=1`` is CRD+KD (RepDistiller
+    ``-r 1 -a 1 -b 0.8``, ``DistillKL`` at T=4).
 
     Differs from our defaults on purpose, to make the negatives identical without reading our sampler: 16 training
     samples and ``num_negatives = 15`` drawn ``"uniform"`` (distinct when the pool allows, as the reference's
@@ -268,36 +271,45 @@ def test_crd_step_matches_reference():
     (``CIFAR100InstanceSample``, ``mode='exact'``) draws distinct negatives among the other classes' samples.
     """
     num_data = 16
-    method = build(CRD, num_negatives=num_data - 1, negatives="uniform", num_samples=num_data,
+    method = build(CRD, num_negatives=num_data - 1, negatives="uniform", num_samples=num_data, kd_weight=kd_weight,
                    input_shape=INPUT_SHAPE)
-    x, y, index = data = batch(with_index=True)
+    first = batch(with_index=True)
+    generator = torch.Generator().manual_seed(3)
+    second = (torch.randn(4, *INPUT_SHAPE, generator=generator, dtype=DTYPE), torch.tensor([8, 3, 71, 40]),
+              torch.tensor([0, 7, 5, 12]))
     student, teacher = reference_copies(method)
     heads = {side: trainable_part(method, f"{side}_head") for side in ("student", "teacher")}
     ref_heads = {side: copy.deepcopy(head) for side, head in heads.items()}
     banks = {side: trainable_part(method, f"{side}_memory").memory for side in ("student", "teacher")}
     ref_banks = {side: bank.detach().clone() for side, bank in banks.items()}
+    normalizers = None
 
-    loss = our_step(method, data)
-    method.on_train_batch_end(loss, data, 0)  # the memory update of the step
-    others = torch.stack([torch.tensor([j for j in range(num_data) if j != i]) for i in index.tolist()])
-    contrast_index = torch.cat([index[:, None], others], dim=1)
-    s_logits, s_feats, _, t_feats = reference_forward(student, teacher, x)
-    # mdistiller distillers/CRD.py::CRD.forward_train (= RepDistiller --distill crd -r 1 -a 0 -b 0.8)
-    crd, normalizers, s_bank, t_bank = ref.crd_reference(
-        s_feats["pooled_feat"], t_feats["pooled_feat"], index, contrast_index, ref_heads["student"],
-        ref_heads["teacher"], ref_banks["student"], ref_banks["teacher"], ref.CRD_NCE_T, ref.CRD_MOMENTUM)
-    expected = ref.CRD_CE * F.cross_entropy(s_logits, y) + ref.CRD_W * crd
-    expected.backward()
+    for step, data in enumerate([first, second]):
+        for module in (method, student, *ref_heads.values()):
+            module.zero_grad(set_to_none=True)
+        loss = our_step(method, data)
+        method.on_train_batch_end(loss, data, step)  # the memory update of the step
+        x, y, index = data
+        others = torch.stack([torch.tensor([j for j in range(num_data) if j != i]) for i in index.tolist()])
+        contrast_index = torch.cat([index[:, None], others], dim=1)
+        s_logits, s_feats, t_logits, t_feats = reference_forward(student, teacher, x)
+        # mdistiller distillers/CRD.py::CRD.forward_train (= RepDistiller --distill crd -r 1 -a <kd_weight> -b 0.8)
+        crd, normalizers, ref_banks["student"], ref_banks["teacher"] = ref.crd_reference(
+            s_feats["pooled_feat"], t_feats["pooled_feat"], index, contrast_index, ref_heads["student"],
+            ref_heads["teacher"], ref_banks["student"], ref_banks["teacher"], ref.CRD_NCE_T, ref.CRD_MOMENTUM,
+            normalizers)
+        expected = (ref.CRD_CE * F.cross_entropy(s_logits, y) + ref.CRD_W * crd
+                    + kd_weight * ref.kd_reference(s_logits, t_logits, ref.KD_T))
+        expected.backward()
 
+        assert_loss_matches(loss, expected)
+        torch.testing.assert_close(method_buffer(method, "nce_normalizers"),
+                                   torch.tensor(normalizers, dtype=DTYPE), rtol=RTOL, atol=0.0)
+        assert_grads_match(method.student, student, "student")
+        for side in heads:
+            assert_grads_match(heads[side], ref_heads[side], f"{side}_head")
+            torch.testing.assert_close(banks[side], ref_banks[side], rtol=RTOL, atol=1e-6)
     assert ref_heads["student"].out_features == ref.CRD_DIM
-    assert_loss_matches(loss, expected)
-    torch.testing.assert_close(method_buffer(method, "nce_normalizers"), torch.tensor(normalizers, dtype=DTYPE), rtol=RTOL,
-                               atol=0.0)
-    assert_grads_match(method.student, student, "student")
-    for side in heads:
-        assert_grads_match(heads[side], ref_heads[side], f"{side}_head")
-    torch.testing.assert_close(banks["student"], s_bank, rtol=RTOL, atol=1e-6)
-    torch.testing.assert_close(banks["teacher"], t_bank, rtol=RTOL, atol=1e-6)
 
 
 # -------------------------------------------------------------------------------------------------- ReviewKD
