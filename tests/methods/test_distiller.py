@@ -209,3 +209,23 @@ def test_two_process_ddp_trains_a_composite_with_a_trainable_term(tmp_path):
     moved = [key for key in ranks[0] if key.startswith("terms.hint.projector.") and key.endswith("weight")
              and not torch.equal(ranks[0][key], fresh.state_dict()[key])]
     assert moved, "the projector was not trained"
+
+
+@pytest.mark.parametrize("name", ["crd_kd", "kd_at", "dkd_reviewkd"])
+def test_the_composed_cifar100_configs_build_and_take_a_step(name):
+    init_args = yaml.safe_load((ROOT / f"configs/experiments/cifar100/compose/{name}.yaml").read_text())["model"][
+        "init_args"]
+    terms = copy.deepcopy(init_args["terms"])
+    if "crd" in terms:
+        terms["crd"]["init_args"].update(num_samples=8, num_negatives=4)
+    torch.manual_seed(0)
+    model = Distiller(init_args["student"], init_args["teacher"], num_classes=100, ce_weight=init_args["ce_weight"],
+                      input_shape=(3, 32, 32), terms=terms)
+    model.log = lambda *args, **kwargs: None
+    batch = Batch(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 2, 3]))
+    if "crd" in model.terms:  # the classes of the 8 training samples the memory banks hold
+        model.terms["crd"].train_targets.copy_(torch.arange(8) % 4)
+    loss = model.training_step(batch, 0)
+    loss.backward()
+    assert torch.isfinite(loss) and set(model.terms) == set(init_args["terms"])
+    assert model.student.fc.weight.grad.abs().sum() > 0
