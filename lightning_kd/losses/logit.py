@@ -85,18 +85,6 @@ def _autocast_off(device: torch.device) -> ContextManager:
         return nullcontext()
 
 
-def _check_pair(student_logits: Tensor, teacher_logits: Tensor) -> None:
-    if student_logits.dim() != 2:
-        raise ValueError(
-            f"expected logits of shape (B, C), got student shape {tuple(student_logits.shape)}"
-        )
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            "student and teacher logits must have the same shape, got "
-            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
-        )
-
-
 def _temperature(
     temperature: TemperatureLike, batch_size: int, device: torch.device, per_sample: bool = True
 ) -> Union[float, Tensor]:
