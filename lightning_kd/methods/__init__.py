@@ -22,6 +22,7 @@ from lightning_kd.methods.ft import FT
 from lightning_kd.methods.init_phase import InitPhaseDistillation
 from lightning_kd.methods.kd import KD
 from lightning_kd.methods.kdcl import KDCL
+from lightning_kd.methods.lm import LanguageModelKD
 from lightning_kd.methods.mlkd import MLKD
 from lightning_kd.methods.multiteacher import MultiTeacherKD
 from lightning_kd.methods.normkd import NormKD
@@ -41,7 +42,8 @@ from lightning_kd.models.registry import suggest
 
 METHODS: dict[str, type[DistillationModule]] = {cls.__name__: cls for cls in (
     Supervised, KD, DKD, DIST, CTKD, NormKD, RLD, MLKD, TfKDSelf, TfKDVirtual, MultiTeacherKD, DML, KDCL,
-    DataFreeKD, Distiller, FitNet, AT, SP, PKT, RKD, NST, CC, VID, FSP, AB, FT, ProjectorKD, SRD, OFD, ReviewKD, CRD)}
+    DataFreeKD, Distiller, FitNet, AT, SP, PKT, RKD, NST, CC, VID, FSP, AB, FT, ProjectorKD, SRD, OFD, ReviewKD, CRD,
+    LanguageModelKD)}
 
 
 def list_methods() -> list[str]:

@@ -9,7 +9,9 @@ from lightning_kd.terms.fusion import OFDTerm, ReviewKDTerm
 from lightning_kd.terms.logit import (CTKDTerm, DISTTerm, DKDTerm, KDTerm, MLKDTerm, NormKDTerm, RLDTerm,
                                       TfKDVirtualTerm)
 from lightning_kd.terms.relation import CCTerm, PKTTerm, RKDTerm, SPTerm
+from lightning_kd.terms.token import AttentionRelationTerm, HiddenStateTerm, TAIDTerm, TokenKLTerm
 
 __all__ = ["DistillationTerm", "term_from_spec", "ATTerm", "CRDTerm", "DKDTerm", "FitNetTerm", "KDTerm",
            "NSTTerm", "ProjectorKDTerm", "SRDTerm", "VIDTerm", "OFDTerm", "ReviewKDTerm", "CCTerm", "PKTTerm",
-           "RKDTerm", "SPTerm", "CTKDTerm", "DISTTerm", "MLKDTerm", "NormKDTerm", "RLDTerm", "TfKDVirtualTerm"]
+           "RKDTerm", "SPTerm", "CTKDTerm", "DISTTerm", "MLKDTerm", "NormKDTerm", "RLDTerm", "TfKDVirtualTerm",
+           "TokenKLTerm", "TAIDTerm", "HiddenStateTerm", "AttentionRelationTerm"]

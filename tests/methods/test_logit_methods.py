@@ -19,7 +19,8 @@ def test_registry_lists_every_logit_method():
     assert get_method("DKD") is DKD
 
 
-@pytest.mark.parametrize("name", [n for n in list_methods() if n != "DataFreeKD"])  # no training data: own tests
+# DataFreeKD (no training data) and LanguageModelKD (token batches) have their own tests
+@pytest.mark.parametrize("name", [n for n in list_methods() if n not in ("DataFreeKD", "LanguageModelKD")])
 def test_every_method_trains_and_logs_its_losses(name, digits):
     # FT's initialisation phase trains the paraphraser alone (built here from the input shape): it must change
     extra = {"input_shape": (1, 8, 8)} if name == "FT" else {}
