@@ -1,15 +1,7 @@
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import torch
-from torch import Tensor, nn
-
-from lightning_kd.features import preactivation_layers
-from lightning_kd.losses.feature_extra import ab_loss
-from lightning_kd.methods.base import Batch
 from lightning_kd.methods.init_phase import InitPhaseDistillation
-from lightning_kd.nn.adapters import boundary_connector
+from lightning_kd.terms.staged import ABTerm
 
 
 class AB(InitPhaseDistillation):
@@ -35,36 +27,18 @@ class AB(InitPhaseDistillation):
         student_layers: module names of the student's pre-activations, instead of ``stage_names(preact=True)``
             after the stem (models without that interface: the input of each stage's last ReLU).
         teacher_layers: module names of the teacher's, as many as the student's.
-        input_shape: shape of one input, e.g. ``(3, 32, 32)``; the connectors are built from the feature shapes of
-            one dry forward pass on it: here when given, else in ``setup`` from the data (then stored in the
-            hyper-parameters so that ``load_from_checkpoint`` rebuilds them).
+
+    The loss is the term :class:`~lightning_kd.terms.staged.ABTerm` (``terms.ab``). The connectors are built from the
+    feature shapes of one dry forward pass on ``input_shape`` (see :class:`~lightning_kd.methods.DistillationModule`).
     """
 
     def __init__(self, *args, ab_weight: float = 3e-3, margin: float = 1.0, ce_weight: float = 1.0,
                  init_epochs: int = 30, init_lr: float = 0.05, student_layers: list[str] | None = None,
-                 teacher_layers: list[str] | None = None, input_shape: Sequence[int] | None = None, **kwargs):
+                 teacher_layers: list[str] | None = None, **kwargs):
         super().__init__(*args, ce_weight=ce_weight, init_epochs=init_epochs, init_lr=init_lr, **kwargs)
-        if margin < 0:
-            raise ValueError(f"margin must be non-negative, got {margin}")
-        self.use_stage_pairs(student_layers or preactivation_layers(self.student, "student", "AB"),
-                             teacher_layers or preactivation_layers(self.teacher, "teacher", "AB"))
-        self.connectors: nn.ModuleList | None = None
-        self.init_projection(input_shape)
+        self.add_term("ab", ABTerm(margin, student_layers, teacher_layers, weight=ab_weight))
 
-    def build_projections(self, student_shapes: list[torch.Size], teacher_shapes: list[torch.Size]) -> None:
-        """One connector per stage pair, from the hooked features' shapes."""
-        self.connectors = nn.ModuleList(boundary_connector(s, t) for s, t in zip(student_shapes, teacher_shapes))
-
-    def init_modules(self) -> list[nn.Module]:
-        return [self.student, self.connectors]
-
-    def frozen_after_init(self) -> list[nn.Module]:
-        return [self.connectors]
-
-    def init_losses(self, batch: Batch) -> dict[str, Tensor]:
-        student_feats = self.forward_student(batch).features.values()
-        teacher_feats = self.forward_teacher(batch).features.values()
-        count, margin = len(self.connectors), self.hparams.margin
-        loss = sum(2.0 ** (index - count + 1) * ab_loss(connector(s), t, margin)
-                   for index, (connector, s, t) in enumerate(zip(self.connectors, student_feats, teacher_feats)))
-        return {"ab": self.hparams.ab_weight * loss}
+    @property
+    def connectors(self):
+        """The connectors, one per layer pair (``None`` until built)."""
+        return self.terms["ab"].connectors

@@ -9,13 +9,12 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_kd.data.synthetic import DataFreeDataModule, batch_size_of
-from lightning_kd.losses import kd_loss
-from lightning_kd.losses.datafree import bn_statistics_loss, logit_l1_discrepancy
+from lightning_kd.losses.datafree import bn_statistics_loss
 from lightning_kd.methods.base import Batch, DistillationModule, ModelOutput
 from lightning_kd.nn.generator import ImageGenerator
+from lightning_kd.terms.datafree import DISCREPANCIES, DataFreeKDTerm
 
 GENERATORS = ("dfad", "noise")
-DISCREPANCIES = ("l1", "kl")
 
 
 class DataFreeKD(DistillationModule):
@@ -60,6 +59,10 @@ class DataFreeKD(DistillationModule):
     ``train/loss_generator`` and its weighted parts ``train/loss_generator_adversarial`` and
     ``train/loss_generator_bn``.
 
+    The student's loss is the term :class:`~lightning_kd.terms.datafree.DataFreeKDTerm` (``terms.discrepancy``);
+    terms added with :meth:`add_term` join the student's loss on the generated inputs, while the generator maximizes
+    ``D`` alone.
+
     Args:
         generator: ``"dfad"`` (the adversarial generator) or ``"noise"`` (the noise baseline, no generator).
         latent_dim: size of the latent vector ``z``.
@@ -96,6 +99,7 @@ class DataFreeKD(DistillationModule):
         if generator == "dfad" and bn_weight > 0 and not self.teacher_bn_layers():
             raise ValueError(f"the teacher ({type(self.teacher).__name__}) has no BatchNorm layer with running "
                              "statistics for the generator's prior: set bn_weight=0 (DFAD without the prior)")
+        self.add_term("discrepancy", DataFreeKDTerm(discrepancy, temperature))
         self.automatic_optimization = False
         self.generator: ImageGenerator | None = None
         self.input_shape: tuple[int, ...] | None = None
@@ -142,15 +146,10 @@ class DataFreeKD(DistillationModule):
 
     # --------------------------------------------------------------------------------------------- losses
     def discrepancy(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-        """``D(student, teacher)``: the L1 logit discrepancy or the temperature-scaled KL, as configured."""
-        if self.hparams.discrepancy == "l1":
-            return logit_l1_discrepancy(student_logits, teacher_logits)
-        return kd_loss(student_logits, teacher_logits, self.hparams.temperature)
-
-    def distillation_losses(self, batch: Batch, student_out: ModelOutput,
-                            teacher_out: ModelOutput) -> dict[str, Tensor]:
-        """The student's loss on generated inputs: the discrepancy, by the name of its kind."""
-        return {self.hparams.discrepancy: self.discrepancy(student_out.logits, teacher_out.logits)}
+        """``D(student, teacher)``: the L1 logit discrepancy or the temperature-scaled KL, as configured (the
+        student's term, unweighted)."""
+        term = self.terms["discrepancy"]
+        return term.losses(None, ModelOutput(student_logits), ModelOutput(teacher_logits))[term.discrepancy_kind]
 
     def generator_losses(self, student_logits: Tensor, teacher_logits: Tensor,
                          bn_inputs: Sequence[tuple[_BatchNorm, Tensor]]) -> dict[str, Tensor]:

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_kd.losses.online import mutual_learning_losses
 from lightning_kd.methods.base import Batch, DistillationModule, ModelOutput
+from lightning_kd.terms.online import DMLTerm
 
 
 @dataclass
@@ -23,7 +23,8 @@ class PeerOutput(ModelOutput):
 
 class OnlineDistillationModule(DistillationModule):
     """Peers trained together from scratch, each with cross-entropy plus what it learns from the others; no
-    pre-trained teacher. A method overrides :meth:`peer_losses`.
+    pre-trained teacher. A method adds terms that read every peer's logits (``student_out.peer_logits``, e.g.
+    :class:`~lightning_kd.terms.online.DMLTerm`), or overrides :meth:`peer_losses`.
 
     Peer 0 is ``student`` (so ``forward``, ``predict`` and the base's ``val/acc``, ``val/ece`` ... are peer 0's);
     peers 1 … N-1 are ``peers`` (``self.peers[i - 1]``, ``peers.<i - 1>.*`` in checkpoints). Every peer has the same
@@ -138,15 +139,17 @@ class OnlineDistillationModule(DistillationModule):
 
     # ------------------------------------------------------------------------------------------------ method
     def peer_losses(self, batch: Batch, peer_logits: list[Tensor]) -> dict[str, Tensor]:
-        """The method's weighted losses by name, from all N peers' logits (without the cross-entropies)."""
-        raise NotImplementedError(f"{type(self).__name__} does not define peer_losses")
+        """Weighted losses by name from all N peers' logits, besides the terms' (none by default)."""
+        return {}
 
     def distillation_losses(self, batch: Batch, student_out: PeerOutput,
                             teacher_out: ModelOutput | None) -> dict[str, Tensor]:
+        """The other peers' cross-entropies (``ce_peer<i>``), the terms' losses and :meth:`peer_losses`."""
         peer_logits = student_out.peer_logits
         losses = {f"ce_peer{i}": self.hparams.ce_weight * self.cross_entropy(logits, batch.target)
                   for i, logits in enumerate(peer_logits) if i > 0}
-        return {**losses, **self.peer_losses(batch, peer_logits)}
+        return {**losses, **super().distillation_losses(batch, student_out, teacher_out),
+                **self.peer_losses(batch, peer_logits)}
 
     # ------------------------------------------------------------------------------------------- evaluation
     def _peer_evaluation_step(self, batch: Any, stage: str) -> None:
@@ -195,6 +198,8 @@ class DML(OnlineDistillationModule):
     settings; the paper's CIFAR-100 recipe (SGD with Nesterov momentum 0.9, lr 0.1 ÷10 every 60 epochs, 200
     epochs, batch 64) is a config away.
 
+    The loss is the term :class:`~lightning_kd.terms.online.DMLTerm` (``terms.kl``).
+
     Args:
         kl_weight: weight of each peer's mutual-learning term.
         temperature: softening temperature T of the KL, with the T² factor (1 in the paper).
@@ -202,7 +207,4 @@ class DML(OnlineDistillationModule):
 
     def __init__(self, *args, kl_weight: float = 1.0, temperature: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
-
-    def peer_losses(self, batch: Batch, peer_logits: list[Tensor]) -> dict[str, Tensor]:
-        terms = mutual_learning_losses(peer_logits, self.hparams.temperature)
-        return {f"kl_peer{index}": self.hparams.kl_weight * term for index, term in enumerate(terms)}
+        self.add_term("kl", DMLTerm(temperature, weight=kl_weight))

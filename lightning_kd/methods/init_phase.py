@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_kd.methods.base import Batch, DistillationModule
+from lightning_kd.terms.staged import StagedTerm
 
 
 class InitPhaseDistillation(DistillationModule):
@@ -17,6 +18,13 @@ class InitPhaseDistillation(DistillationModule):
     cross-entropy); from then on training is that of :class:`DistillationModule` (cross-entropy plus
     :meth:`distillation_losses`), with :meth:`frozen_after_init` left out of the optimizer, without gradients and in
     eval mode.
+
+    By default all three come from the method's :class:`~lightning_kd.terms.staged.StagedTerm` s (:meth:`add_term`):
+    the init phase trains their :meth:`~lightning_kd.terms.staged.StagedTerm.init_parts` (and the student when one
+    of them trains it) on their :meth:`~lightning_kd.terms.staged.StagedTerm.init_losses`, and fixes their
+    :meth:`~lightning_kd.terms.staged.StagedTerm.frozen_parts` afterwards; the main phase sums every term's
+    :meth:`~lightning_kd.terms.DistillationTerm.losses`, as in any method. A subclass may override the three instead.
+    With ``mix``, init-phase batches are mixed as well (the same images for teacher and student).
 
     How it runs in one ``Trainer.fit``: :meth:`configure_optimizers` builds the optimizer of the current phase,
     :meth:`configure_init_optimizer` (by default RepDistiller's init optimizer: SGD with ``init_lr``, momentum 0.9,
@@ -67,18 +75,41 @@ class InitPhaseDistillation(DistillationModule):
         self.init_phase_done = False
 
     # ------------------------------------------------------------------------------------ what a method defines
+    def staged_terms(self) -> dict[str, StagedTerm]:
+        """The method's terms that have an init phase, by name."""
+        return {name: term for name, term in self.terms.items() if isinstance(term, StagedTerm)}
+
+    def _require_staged_terms(self, hook: str) -> list[StagedTerm]:
+        terms = list(self.staged_terms().values())
+        if not terms:
+            raise NotImplementedError(f"{type(self).__name__} has no term with an init phase (a "
+                                      f"lightning_kd.terms.staged.StagedTerm): add one or define {hook}")
+        return terms
+
     def init_modules(self) -> list[nn.Module]:
-        """The modules optimized during the init phase."""
-        raise NotImplementedError(f"{type(self).__name__} does not define init_modules")
+        """The modules optimized during the init phase: the staged terms' init parts, and the student when one of
+        them trains it."""
+        terms = self._require_staged_terms("init_modules")
+        student = [self.student] if any(term.init_trains_student for term in terms) else []
+        return student + [part for term in terms for part in term.init_parts()]
 
     def frozen_after_init(self) -> list[nn.Module]:
-        """The modules fixed once the init phase is over (none by default)."""
-        return []
+        """The modules fixed once the init phase is over: the staged terms' frozen parts."""
+        return [part for term in self.staged_terms().values() for part in term.frozen_parts()]
 
     def init_losses(self, batch: Batch) -> dict[str, Tensor]:
-        """The weighted init-phase losses by name; the method runs the forward passes it needs
-        (:meth:`forward_student`, :meth:`forward_teacher`)."""
-        raise NotImplementedError(f"{type(self).__name__} does not define init_losses")
+        """The weighted init-phase losses by name: every staged term's, from one teacher forward pass and, when a
+        term trains the student, one student forward pass."""
+        terms = self.staged_terms()
+        self._require_staged_terms("init_losses")
+        teacher_out = None if self.teacher is None else self.forward_teacher(batch)
+        student_out = (self.forward_student(batch) if any(term.init_trains_student for term in terms.values())
+                       else None)
+        losses: dict[str, Tensor] = {}
+        for term_name, term in terms.items():
+            for loss_name, value in term.init_forward(batch, student_out, teacher_out).items():
+                losses[self.loss_name(term_name, loss_name)] = value
+        return losses
 
     def configure_init_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         """The init-phase optimizer: SGD with ``init_lr``, momentum 0.9, weight decay 5e-4, as RepDistiller's."""
@@ -145,10 +176,9 @@ class InitPhaseDistillation(DistillationModule):
                         config.scheduler.step()
 
     # -------------------------------------------------------------------------------------------------- steps
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def _training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         if self.init_phase_done:
-            return super().training_step(batch, batch_idx)
-        batch = self.unpack_batch(batch)
+            return super()._training_step(batch, batch_idx)
         self._check_targets(batch.target, batch_idx)
         return self.total_loss(self.init_losses(batch), batch_idx, log_as="train/init_loss", name_prefix="init_")
 

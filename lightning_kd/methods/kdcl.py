@@ -4,12 +4,10 @@ from typing import Literal
 
 from torch import Tensor
 
-from lightning_kd.losses import kd_loss
-from lightning_kd.losses.online import mean_logit_ensemble, min_logit_ensemble
-from lightning_kd.methods.base import Batch
 from lightning_kd.methods.dml import OnlineDistillationModule
+from lightning_kd.terms.online import ENSEMBLES, KDCLTerm
 
-ENSEMBLES = ("min_logit", "mean_logit")
+__all__ = ["ENSEMBLES", "KDCL"]
 
 
 class KDCL(OnlineDistillationModule):
@@ -32,6 +30,8 @@ class KDCL(OnlineDistillationModule):
     validation ensemble ``val/acc_ensemble`` is the mean of the peers' probabilities, never the label-dependent
     MinLogit teacher.
 
+    The loss is the term :class:`~lightning_kd.terms.online.KDCLTerm` (``terms.kd``).
+
     Args:
         ensemble: how the teacher is built from the peers' logits: ``"min_logit"`` or ``"mean_logit"``.
         temperature: softening temperature T of teacher and peers.
@@ -43,16 +43,8 @@ class KDCL(OnlineDistillationModule):
         if ensemble not in ENSEMBLES:
             raise ValueError(f"unknown ensemble {ensemble!r}: use one of {', '.join(map(repr, ENSEMBLES))}")
         super().__init__(*args, **kwargs)
+        self.add_term("kd", KDCLTerm(ensemble, temperature, weight=kd_weight))
 
     def ensemble_teacher(self, peer_logits: list[Tensor], target: Tensor) -> Tensor:
         """The teacher's logits from the peers' logits (detached)."""
-        detached = [logits.detach() for logits in peer_logits]
-        if self.hparams.ensemble == "min_logit":
-            return min_logit_ensemble(detached, target)
-        return mean_logit_ensemble(detached)
-
-    def peer_losses(self, batch: Batch, peer_logits: list[Tensor]) -> dict[str, Tensor]:
-        teacher = self.ensemble_teacher(peer_logits, batch.target)
-        hp = self.hparams
-        return {f"kd_peer{index}": hp.kd_weight * kd_loss(logits, teacher, hp.temperature)
-                for index, logits in enumerate(peer_logits)}
+        return self.terms["kd"].ensemble_teacher(peer_logits, target)

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_kd.losses import kd_loss, standardize_logits
+from lightning_kd.losses import standardize_logits
 from lightning_kd.methods.base import Batch, DistillationModule, LogitDistillationModule, ModelOutput, load_weights
+from lightning_kd.terms import KDTerm
 
 COMBINE_RULES = ("mean", "fixed", "confidence")
 INPUT_KEYS = ("size", "mean", "std", "interpolation")
@@ -149,6 +150,9 @@ class MultiTeacherKD(LogitDistillationModule):
     measure the combined teacher at T=1, with the same weights (so, under ``"confidence"``, weights that know the
     label).
 
+    The loss is the term :class:`~lightning_kd.terms.KDTerm` (``terms.kd``) fed with the combined teacher; logit
+    terms added with :meth:`add_term` see the same combined teacher.
+
     Args:
         teacher: the teachers: a list of ``nn.Module`` or model names (a single one is one teacher).
         teacher_weights: one weights file per teacher (``null`` for none), each loaded strictly with
@@ -194,6 +198,8 @@ class MultiTeacherKD(LogitDistillationModule):
             if path is not None:
                 load_weights(self.teacher[i], path, role=f"teacher {i}", argument=f"teacher_weights[{i}]")
         self.register_buffer("fixed_weights", fixed, persistent=False)
+        # standardize=False: the logits are standardized per teacher, before they are combined
+        self.add_term("kd", KDTerm(temperature, weight=kd_weight, standardize=False))
         self.teacher_input_specs = specs
         self.register_buffer("teacher_input_scale", scale, persistent=False)
         self.register_buffer("teacher_input_shift", shift, persistent=False)
@@ -310,12 +316,16 @@ class MultiTeacherKD(LogitDistillationModule):
 
     def distillation_losses(self, batch: Batch, student_out: ModelOutput,
                             teacher_out: MultiTeacherOutput) -> dict[str, Tensor]:
+        """The terms' losses with the combined teacher as their one teacher: logits ``T · log p̄``, whose softmax at
+        T is the mixture ``p̄`` (each teacher's logits standardized first, and the student's, when
+        ``standardize``)."""
         hp = self.hparams
         student_logits, teacher_logits = student_out.logits, teacher_out.teacher_logits
         if hp.standardize:
             student_logits, teacher_logits = standardize_logits(student_logits), standardize_logits(teacher_logits)
-        target = hp.temperature * combine_teachers(teacher_logits, teacher_out.teacher_weights, hp.temperature)
-        return {"kd": hp.kd_weight * kd_loss(student_logits, target, hp.temperature)}
+        combined = hp.temperature * combine_teachers(teacher_logits, teacher_out.teacher_weights, hp.temperature)
+        return super().distillation_losses(batch, ModelOutput(student_logits, student_out.features),
+                                           ModelOutput(combined))
 
 
 __all__ = ["COMBINE_RULES", "MultiTeacherKD", "MultiTeacherOutput", "TeacherInput", "combine_teachers",

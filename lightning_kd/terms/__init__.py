@@ -4,14 +4,18 @@ the teacher–student base plus their terms; :class:`~lightning_kd.methods.Disti
 
 from lightning_kd.terms.base import DistillationTerm, term_from_spec
 from lightning_kd.terms.contrastive import CRDTerm
+from lightning_kd.terms.datafree import DataFreeKDTerm
 from lightning_kd.terms.feature import ATTerm, FitNetTerm, NSTTerm, ProjectorKDTerm, SRDTerm, VIDTerm
 from lightning_kd.terms.fusion import OFDTerm, ReviewKDTerm
 from lightning_kd.terms.logit import (CTKDTerm, DISTTerm, DKDTerm, KDTerm, MLKDTerm, NormKDTerm, RLDTerm,
                                       TfKDVirtualTerm)
+from lightning_kd.terms.online import DMLTerm, KDCLTerm, PeerTerm
 from lightning_kd.terms.relation import CCTerm, PKTTerm, RKDTerm, SPTerm
+from lightning_kd.terms.staged import ABTerm, FSPTerm, FTTerm, StagedTerm
 from lightning_kd.terms.token import AttentionRelationTerm, HiddenStateTerm, TAIDTerm, TokenKLTerm
 
 __all__ = ["DistillationTerm", "term_from_spec", "ATTerm", "CRDTerm", "DKDTerm", "FitNetTerm", "KDTerm",
            "NSTTerm", "ProjectorKDTerm", "SRDTerm", "VIDTerm", "OFDTerm", "ReviewKDTerm", "CCTerm", "PKTTerm",
            "RKDTerm", "SPTerm", "CTKDTerm", "DISTTerm", "MLKDTerm", "NormKDTerm", "RLDTerm", "TfKDVirtualTerm",
-           "TokenKLTerm", "TAIDTerm", "HiddenStateTerm", "AttentionRelationTerm"]
+           "ABTerm", "FSPTerm", "FTTerm", "StagedTerm", "DMLTerm", "KDCLTerm", "PeerTerm",
+           "DataFreeKDTerm", "TokenKLTerm", "TAIDTerm", "HiddenStateTerm", "AttentionRelationTerm"]
