@@ -1,10 +1,7 @@
 from __future__ import annotations
 
-from torch import Tensor
-
-from lightning_kd.features import embedding_name
-from lightning_kd.losses import cc_loss
-from lightning_kd.methods.base import Batch, DistillationModule, ModelOutput
+from lightning_kd.methods.base import DistillationModule
+from lightning_kd.terms import CCTerm
 
 
 class CC(DistillationModule):
@@ -30,12 +27,4 @@ class CC(DistillationModule):
     def __init__(self, *args, cc_weight: float = 100.0, gamma: float = 0.4, p_order: int = 2, ce_weight: float = 1.0,
                  student_layer: str | None = None, teacher_layer: str | None = None, **kwargs):
         super().__init__(*args, ce_weight=ce_weight, **kwargs)
-        self.use_features(student_layer or embedding_name(self.student),
-                          teacher_layer or embedding_name(self.teacher))
-
-    def distillation_losses(self, batch: Batch, student_out: ModelOutput,
-                            teacher_out: ModelOutput) -> dict[str, Tensor]:
-        hp = self.hparams
-        student_emb, = student_out.features.values()
-        teacher_emb, = teacher_out.features.values()
-        return {"cc": hp.cc_weight * cc_loss(student_emb, teacher_emb, hp.gamma, hp.p_order)}
+        self.add_term("cc", CCTerm(gamma, p_order, student_layer, teacher_layer, weight=cc_weight))

@@ -1,9 +1,7 @@
 from __future__ import annotations
 
-from torch import Tensor
-
-from lightning_kd.losses import nst_loss
-from lightning_kd.methods.base import Batch, DistillationModule, ModelOutput
+from lightning_kd.methods.base import DistillationModule
+from lightning_kd.terms import NSTTerm
 
 
 class NST(DistillationModule):
@@ -26,9 +24,4 @@ class NST(DistillationModule):
     def __init__(self, *args, nst_weight: float = 50.0, ce_weight: float = 1.0,
                  student_layers: list[str] | None = None, teacher_layers: list[str] | None = None, **kwargs):
         super().__init__(*args, ce_weight=ce_weight, **kwargs)
-        self.use_stage_pairs(student_layers, teacher_layers)
-
-    def distillation_losses(self, batch: Batch, student_out: ModelOutput,
-                            teacher_out: ModelOutput) -> dict[str, Tensor]:
-        pairs = zip(student_out.features.values(), teacher_out.features.values())
-        return {"nst": self.hparams.nst_weight * sum(nst_loss(s, t) for s, t in pairs)}
+        self.add_term("nst", NSTTerm(student_layers, teacher_layers, weight=nst_weight))

@@ -1,10 +1,7 @@
 from __future__ import annotations
 
-from torch import Tensor
-
-from lightning_kd.features import embedding_name
-from lightning_kd.losses import pkt_loss
-from lightning_kd.methods.base import Batch, DistillationModule, ModelOutput
+from lightning_kd.methods.base import DistillationModule
+from lightning_kd.terms import PKTTerm
 
 
 class PKT(DistillationModule):
@@ -26,11 +23,4 @@ class PKT(DistillationModule):
     def __init__(self, *args, pkt_weight: float = 30000.0, ce_weight: float = 1.0, student_layer: str | None = None,
                  teacher_layer: str | None = None, **kwargs):
         super().__init__(*args, ce_weight=ce_weight, **kwargs)
-        self.use_features(student_layer or embedding_name(self.student),
-                          teacher_layer or embedding_name(self.teacher))
-
-    def distillation_losses(self, batch: Batch, student_out: ModelOutput,
-                            teacher_out: ModelOutput) -> dict[str, Tensor]:
-        student_emb, = student_out.features.values()
-        teacher_emb, = teacher_out.features.values()
-        return {"pkt": self.hparams.pkt_weight * pkt_loss(student_emb, teacher_emb)}
+        self.add_term("pkt", PKTTerm(student_layer, teacher_layer, weight=pkt_weight))

@@ -1,10 +1,7 @@
 from __future__ import annotations
 
-from torch import Tensor
-
-from lightning_kd.features import embedding_name
-from lightning_kd.losses import rkd_loss
-from lightning_kd.methods.base import Batch, DistillationModule, ModelOutput
+from lightning_kd.methods.base import DistillationModule
+from lightning_kd.terms import RKDTerm
 
 
 class RKD(DistillationModule):
@@ -28,12 +25,4 @@ class RKD(DistillationModule):
     def __init__(self, *args, distance_weight: float = 25.0, angle_weight: float = 50.0, rkd_weight: float = 1.0,
                  ce_weight: float = 1.0, student_layer: str | None = None, teacher_layer: str | None = None, **kwargs):
         super().__init__(*args, ce_weight=ce_weight, **kwargs)
-        self.use_features(student_layer or embedding_name(self.student),
-                          teacher_layer or embedding_name(self.teacher))
-
-    def distillation_losses(self, batch: Batch, student_out: ModelOutput,
-                            teacher_out: ModelOutput) -> dict[str, Tensor]:
-        hp = self.hparams
-        student_emb, = student_out.features.values()
-        teacher_emb, = teacher_out.features.values()
-        return {"rkd": hp.rkd_weight * rkd_loss(student_emb, teacher_emb, hp.distance_weight, hp.angle_weight)}
+        self.add_term("rkd", RKDTerm(distance_weight, angle_weight, student_layer, teacher_layer, weight=rkd_weight))

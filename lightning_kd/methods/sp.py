@@ -1,10 +1,7 @@
 from __future__ import annotations
 
-from torch import Tensor
-
-from lightning_kd.features import stage_names
-from lightning_kd.losses import sp_loss
-from lightning_kd.methods.base import Batch, DistillationModule, ModelOutput
+from lightning_kd.methods.base import DistillationModule
+from lightning_kd.terms import SPTerm
 
 
 class SP(DistillationModule):
@@ -25,11 +22,4 @@ class SP(DistillationModule):
     def __init__(self, *args, sp_weight: float = 3000.0, ce_weight: float = 1.0, student_layer: str | None = None,
                  teacher_layer: str | None = None, **kwargs):
         super().__init__(*args, ce_weight=ce_weight, **kwargs)
-        self.use_features(student_layer or stage_names(self.student)[-1],
-                          teacher_layer or stage_names(self.teacher)[-1])
-
-    def distillation_losses(self, batch: Batch, student_out: ModelOutput,
-                            teacher_out: ModelOutput) -> dict[str, Tensor]:
-        student_feat, = student_out.features.values()
-        teacher_feat, = teacher_out.features.values()
-        return {"sp": self.hparams.sp_weight * sp_loss(student_feat, teacher_feat)}
+        self.add_term("sp", SPTerm(student_layer, teacher_layer, weight=sp_weight))

@@ -1,16 +1,7 @@
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import torch
-
-import torch.nn.functional as F
-from torch import Tensor
-
-from lightning_kd.features import check_layers, classifier_name, embedding_name
-from lightning_kd.losses import fitnet_loss, kd_loss
-from lightning_kd.methods.base import Batch, DistillationModule, ModelOutput
-from lightning_kd.nn import ConvBN
+from lightning_kd.methods.base import DistillationModule
+from lightning_kd.terms import KDTerm, SRDTerm
 
 
 class SRD(DistillationModule):
@@ -38,40 +29,25 @@ class SRD(DistillationModule):
         teacher_layer: module name of the teacher's embedding, the input of ``teacher_classifier``.
         teacher_classifier: module name of the teacher's final linear layer (default: from the model's feature
             interface).
-        input_shape: shape of one input, e.g. ``(3, 32, 32)``. The connector is built from the embedding sizes of
-            one dry forward pass on this shape: here when given, else in ``setup`` from the first sample of the
-            data, which is then stored in the hyper-parameters so that ``load_from_checkpoint`` rebuilds the
-            connector before its weights load.
+
+    The connector is built from the embedding sizes of one dry forward pass on ``input_shape`` (see
+    :class:`~lightning_kd.methods.DistillationModule`).
     """
 
     def __init__(self, *args, fm_weight: float = 1.0, sr_weight: float = 1.0, kd_weight: float = 1.0,
                  temperature: float = 4.0, ce_weight: float = 1.0, student_layer: str | None = None,
-                 teacher_layer: str | None = None, teacher_classifier: str | None = None,
-                 input_shape: Sequence[int] | None = None, **kwargs):
+                 teacher_layer: str | None = None, teacher_classifier: str | None = None, **kwargs):
         super().__init__(*args, ce_weight=ce_weight, **kwargs)
-        self.use_features(student_layer or embedding_name(self.student),
-                          teacher_layer or embedding_name(self.teacher))
-        self.teacher_classifier_name, = check_layers(self.teacher, teacher_classifier or classifier_name(self.teacher),
-                                                     "teacher")
-        self.projector = None
-        self.init_projection(input_shape)
+        self.add_term("srd", SRDTerm(fm_weight, sr_weight, student_layer, teacher_layer, teacher_classifier))
+        if kd_weight:
+            self.add_term("kd", KDTerm(temperature, weight=kd_weight))
 
-    def build_projection(self, student_shape: torch.Size, teacher_shape: torch.Size) -> None:
-        if len(student_shape) != 2 or len(teacher_shape) != 2:
-            raise ValueError(f"SRD connects (N, C) embeddings, got student {tuple(student_shape)} and teacher "
-                             f"{tuple(teacher_shape)}: hook the pooled embeddings (the teacher's is its classifier's "
-                             "input)")
-        self.projector = ConvBN(student_shape[1], teacher_shape[1], relu=True)
+    @property
+    def projector(self):
+        """The connector from the student's embedding to the teacher's (``None`` until built)."""
+        return self.terms["srd"].projector
 
-    def distillation_losses(self, batch: Batch, student_out: ModelOutput,
-                            teacher_out: ModelOutput) -> dict[str, Tensor]:
-        hp = self.hparams
-        student_emb, = student_out.features.values()
-        teacher_emb, = teacher_out.features.values()
-        connected = self.projector(student_emb)
-        regressed_logits = self.teacher.get_submodule(self.teacher_classifier_name)(connected)
-        losses = {"fm": hp.fm_weight * fitnet_loss(connected, teacher_emb),
-                  "sr": hp.sr_weight * F.mse_loss(regressed_logits.float(), teacher_out.logits.float())}
-        if hp.kd_weight:
-            losses["kd"] = hp.kd_weight * kd_loss(student_out.logits, teacher_out.logits, hp.temperature)
-        return losses
+    @property
+    def teacher_classifier_name(self) -> str:
+        """Module name of the teacher's classifier the softmax regression goes through."""
+        return self.terms["srd"].teacher_classifier_name

@@ -1,13 +1,7 @@
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import torch
-from torch import Tensor, nn
-
-from lightning_kd.losses.feature_extra import pool_to_common_size, vid_loss
-from lightning_kd.methods.base import Batch, DistillationModule, ModelOutput
-from lightning_kd.nn.adapters import VIDRegressor
+from lightning_kd.methods.base import DistillationModule
+from lightning_kd.terms import VIDTerm
 
 
 class VID(DistillationModule):
@@ -28,33 +22,17 @@ class VID(DistillationModule):
         init_variance: initial variance of every channel.
         student_layers: module names of the student's paired features, instead of its stages after the stem.
         teacher_layers: module names of the teacher's paired features, as many as the student's.
-        input_shape: shape of one input, e.g. ``(3, 32, 32)``; the regressors are built from the feature shapes of
-            one dry forward pass on it: here when given, else in ``setup`` from the data (then stored in the
-            hyper-parameters so that ``load_from_checkpoint`` rebuilds them).
+
+    The regressors are built from the feature shapes of one dry forward pass on ``input_shape`` (see
+    :class:`~lightning_kd.methods.DistillationModule`).
     """
 
     def __init__(self, *args, vid_weight: float = 1.0, ce_weight: float = 1.0, init_variance: float = 5.0,
-                 student_layers: list[str] | None = None, teacher_layers: list[str] | None = None,
-                 input_shape: Sequence[int] | None = None, **kwargs):
+                 student_layers: list[str] | None = None, teacher_layers: list[str] | None = None, **kwargs):
         super().__init__(*args, ce_weight=ce_weight, **kwargs)
-        self.use_stage_pairs(student_layers, teacher_layers)
-        self.regressors: nn.ModuleList | None = None
-        self.init_projection(input_shape)
+        self.add_term("vid", VIDTerm(init_variance, student_layers, teacher_layers, weight=vid_weight))
 
-    def build_projections(self, student_shapes: list[torch.Size], teacher_shapes: list[torch.Size]) -> None:
-        """One regressor per stage pair, from the hooked features' shapes."""
-        for layer, shape in zip([*self.student_layers, *self.teacher_layers], [*student_shapes, *teacher_shapes]):
-            if len(shape) != 4:
-                raise ValueError(f"VID regresses (N, C, H, W) feature maps, but layer {layer!r} gives shape "
-                                 f"{tuple(shape)}: pass student_layers and teacher_layers of convolutional stages")
-        self.regressors = nn.ModuleList(
-            VIDRegressor(s[1], t[1], t[1], init_variance=self.hparams.init_variance)
-            for s, t in zip(student_shapes, teacher_shapes))
-
-    def distillation_losses(self, batch: Batch, student_out: ModelOutput,
-                            teacher_out: ModelOutput) -> dict[str, Tensor]:
-        total = 0.0
-        for regressor, s, t in zip(self.regressors, student_out.features.values(), teacher_out.features.values()):
-            s, t = pool_to_common_size(s, t)
-            total = total + vid_loss(regressor(s), t, regressor.variance())
-        return {"vid": self.hparams.vid_weight * total}
+    @property
+    def regressors(self):
+        """The per-stage regressors (``None`` until built)."""
+        return self.terms["vid"].regressors

@@ -201,9 +201,10 @@ def test_trainable_parts_are_optimized_checkpointed_restored_and_not_exported(na
     params = {id(p) for p in module.parameters()}
     optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     assert params and params <= optimized
-    state = {f"{part}.{k}": v for k, v in module.state_dict().items()}
+    prefix = next(key for key, sub in model.named_modules() if sub is module)  # where the part lives now
+    state = {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
     if name == "OFD":
-        state["margin_0"] = model.margin_0
+        state[".".join(filter(None, [prefix.rpartition(".")[0], "margin_0"]))] = model.margins[0]
     assert_parts_checkpointed(trainer, model, state, tmp_path)
 
 
