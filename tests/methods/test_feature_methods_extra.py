@@ -244,7 +244,9 @@ def test_trainable_parts_are_optimized_checkpointed_restored_and_not_exported(na
     assert all(parameter_ids(part) for part in parts)
     optimized = record.params[0] | record.params[1]
     assert parameter_ids(*parts) <= optimized, "every trainable part is optimized in its phase"
-    state = {f"{part}.{k}": v for part in PARTS[name] for k, v in getattr(model, part).state_dict().items()}
+    prefixes = {part: next(key for key, sub in model.named_modules() if sub is getattr(model, part))
+                for part in PARTS[name]}  # where each part lives now
+    state = {f"{prefixes[part]}.{k}": v for part in PARTS[name] for k, v in getattr(model, part).state_dict().items()}
     checkpoint, restored = assert_parts_checkpointed(trainer, model, state, tmp_path)
     if name in INIT_METHODS:
         assert checkpoint["init_phase_done"] and restored.init_phase_done
