@@ -290,14 +290,19 @@ def append_record(results_file: Path, record: dict[str, Any]) -> None:
             os.fsync(f.fileno())
 
 
+def claim_path(output_dir: Path, name: str, seed: int, key: str) -> Path:
+    """The lock file of (``name``, ``seed``, ``key``) in ``output_dir/.claims``."""
+    directory = output_dir / ".claims"
+    directory.mkdir(exist_ok=True)
+    return directory / f"{_slug(name)[:80]}-seed{seed}-{key}.lock"
+
+
 @contextlib.contextmanager
 def claim(output_dir: Path, name: str, seed: int, key: str, wait: bool) -> Iterator[bool]:
     """Hold the lock of (``name``, ``seed``, ``key``) in ``output_dir/.claims`` while the block runs; yields whether
     it was taken (with ``wait=False`` a lock held by another process is not waited for). A process that dies
     releases its locks."""
-    directory = output_dir / ".claims"
-    directory.mkdir(exist_ok=True)
-    lock = FileLock(str(directory / f"{_slug(name)[:80]}-seed{seed}-{key}.lock"))
+    lock = FileLock(str(claim_path(output_dir, name, seed, key)))
     try:
         lock.acquire(timeout=-1 if wait else 0)
     except Timeout:

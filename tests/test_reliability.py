@@ -166,7 +166,49 @@ def _run(path, tmp_path, **env):
                           timeout=300)
 
 
+def _stop_at(epoch, batch):
+    class Stop(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch_, batch_idx):
+            if trainer.current_epoch == epoch and batch_idx == batch:
+                os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler stops the fit after this batch
+
+    return Stop()
+
+
+def test_sigterm_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_path):
+    """In this process: the runner's fit, stopped by a real SIGTERM, then resumed from what it left."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from lightning_kd.runner import fit_and_test
+
+    args = [*DIGITS, "--model", "Supervised", "--model.student", "cnn_small", "--trainer.max_epochs", "3",
+            "--trainer.limit_train_batches", "5", "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar",
+            "false", "--data.val_fraction", "0.1"]
+    record, whole = fit_and_test(args, tmp_path / "whole", 0, test=False, resume_dir=tmp_path / "whole" / "resume")
+    resume = tmp_path / "stopped" / "resume"
+    original = fit_and_test.__globals__["_cli"]
+
+    def with_stop(*a, **k):
+        cli = original(*a, **k)
+        cli.trainer.callbacks.append(_stop_at(epoch=1, batch=2))
+        return cli
+
+    fit_and_test.__globals__["_cli"] = with_stop
+    try:
+        with pytest.raises(SIGTERMException):
+            fit_and_test(args, tmp_path / "stopped", 0, test=False, resume_dir=resume)
+    finally:
+        fit_and_test.__globals__["_cli"] = original
+    assert torch.load(resume / "interrupted.ckpt", weights_only=True)["global_step"] == 5 + 3
+    again, resumed = fit_and_test(args, tmp_path / "stopped", 0, test=False, resume_dir=resume)
+    assert again["resumed_from"].endswith("interrupted.ckpt") and again["val_acc"] == record["val_acc"]
+    expected, got = whole.student.state_dict(), resumed.student.state_dict()
+    assert all(torch.equal(expected[k], got[k]) for k in expected), "resumed weights differ from an uninterrupted run"
+
+
+@pytest.mark.slow
 def test_sigterm_mid_epoch_then_rerun_gives_the_uninterrupted_weights(tmp_path):
+    """The same through the ``lightning-kd run`` command (three processes)."""
     (tmp_path / "stopper.py").write_text(STOPPER)
     reference = _run(_experiment(tmp_path, "whole"), tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
@@ -236,6 +278,26 @@ def test_a_truncated_last_line_is_skipped_with_a_warning_and_closed(tmp_path):
         assert [r["run"] for r in read_records(path)] == ["a", "c"]
 
 
+def test_a_claimed_run_is_left_to_its_process_until_it_dies(tmp_path):
+    from lightning_kd.runner import claim, claim_path
+
+    lock = claim_path(tmp_path, "KD", 0, "abc")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, filelock; lock = filelock.FileLock(sys.argv[1]); lock.acquire();"
+                               " print('held', flush=True); time.sleep(60)", str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with claim(tmp_path, "KD", 0, "abc", wait=False) as taken:
+            assert not taken
+        with claim(tmp_path, "KD", 1, "abc", wait=False) as taken:
+            assert taken, "another seed is free"
+    finally:
+        holder.kill()
+        holder.wait()
+    with claim(tmp_path, "KD", 0, "abc", wait=True) as taken:
+        assert taken, "a dead process's claim is free"
+
+
+@pytest.mark.slow
 def test_two_runners_on_one_folder_run_each_seed_once(tmp_path):
     (tmp_path / "stopper.py").write_text(STOPPER)
     spec = yaml.safe_load(_experiment(tmp_path, "shared").read_text())
