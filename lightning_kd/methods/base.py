@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -26,15 +27,25 @@ from lightning_kd.models.weights import extract_state_dict, load_weights  # noqa
 # The frozen teacher is in eval mode on purpose; Lightning warns about every eval-mode module at fit start.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
+IGNORE_INDEX = -100
+
+
+def class_dim(logits: Tensor) -> int:
+    """Where the classes are: dim 1 of ``[B, C]`` and ``[B, C, H, W]`` logits, the last dim of ``[B, T, V]``."""
+    return logits.dim() - 1 if logits.dim() == 3 else 1
+
+
 @dataclass
 class Batch:
-    """One batch: ``input``, integer class ``target`` and, when the data provides them, the samples' ``index`` and
-    further ``views`` of the same samples by name (e.g. ``"strong"``, a strongly augmented view)."""
+    """One batch: ``input``, integer class ``target`` and, when the data provides them, the samples' ``index``,
+    further ``views`` of the same samples by name (e.g. ``"strong"``, a strongly augmented view) and, for per-pixel or
+    per-token targets, a boolean ``mask`` of the positions to learn from (besides those labelled ``-100``)."""
 
     input: Tensor
     target: Tensor
     index: Tensor | None = None
     views: dict[str, Tensor] = field(default_factory=dict)
+    mask: Tensor | None = None
 
 
 @dataclass
@@ -342,10 +353,13 @@ class DistillationModule(L.LightningModule):
         return student_logits, teacher_logits
 
     def cross_entropy(self, student_logits: Tensor, target: Tensor) -> Tensor:
-        """The supervised loss with the labels, in float32; on a mixed batch, with the mixed labels (cross-entropy is
-        linear in the label)."""
+        """The supervised loss with the labels, in float32, averaged over the labelled positions: logits ``[B, C]``,
+        ``[B, C, H, W]`` (per pixel) or ``[B, T, V]`` (per token), positions labelled ``-100`` left out; on a mixed
+        batch, with the mixed labels (cross-entropy is linear in the label)."""
+        if student_logits.dim() == 3:  # tokens: classes last
+            student_logits = student_logits.transpose(1, 2)
         if self.mixing is None:
-            return F.cross_entropy(student_logits.float(), target)
+            return F.cross_entropy(student_logits.float(), target, ignore_index=IGNORE_INDEX)
         return F.cross_entropy(student_logits.float(), self.mixing.mix_targets(target, self.num_classes))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -358,7 +372,8 @@ class DistillationModule(L.LightningModule):
         if isinstance(batch, Batch):
             return batch
         if isinstance(batch, dict):
-            return Batch(batch["input"], batch["target"], batch.get("index"), dict(batch.get("views") or {}))
+            return Batch(batch["input"], batch["target"], batch.get("index"), dict(batch.get("views") or {}),
+                         batch.get("mask"))
         return Batch(*batch[:3])
 
     def _check_targets(self, target: Tensor, batch_idx: int) -> None:
@@ -367,6 +382,10 @@ class DistillationModule(L.LightningModule):
         if target.is_floating_point():
             raise ValueError(f"labels must be class indices (torch.long), but batch {batch_idx} holds {target.dtype} "
                              "labels: convert them in the data module, e.g. torch.as_tensor(labels, dtype=torch.long)")
+        if target.dim() > 1:  # per-pixel / per-token labels: positions labelled IGNORE_INDEX are left out
+            target = target[target != IGNORE_INDEX]
+            if target.numel() == 0:
+                return
         low, high = int(target.min()), int(target.max())
         if low < 0 or high >= self.num_classes:
             raise ValueError(f"labels must lie in [0, {self.num_classes - 1}] for num_classes={self.num_classes}, "
@@ -377,8 +396,9 @@ class DistillationModule(L.LightningModule):
         if self._outputs_checked:
             return
         for role, logits in (("student", student_logits), ("teacher", teacher_logits)):
-            if logits is not None and logits.shape[-1] != self.num_classes:
-                raise ValueError(f"the {role} has {logits.shape[-1]} classes but num_classes is {self.num_classes}: "
+            if logits is not None and logits.shape[class_dim(logits)] != self.num_classes:
+                raise ValueError(f"the {role} has {logits.shape[class_dim(logits)]} classes but num_classes is "
+                                 f"{self.num_classes}: "
                                  f"give the {role} {self.num_classes} outputs or set num_classes to match")
         self._outputs_checked = True
 
@@ -435,7 +455,7 @@ class DistillationModule(L.LightningModule):
                              "outputs are replayed from a cache: drop the teacher-output cache or set mix=None")
         images, self.mixing = mix_images(batch.input, self.hparams.mix, self.hparams.mix_alpha)
         try:
-            return self._training_step(Batch(images, batch.target, batch.index, batch.views), batch_idx)
+            return self._training_step(dataclasses.replace(batch, input=images), batch_idx)
         finally:
             self.mixing = None
 

@@ -357,3 +357,45 @@ def test_every_method_is_a_distillation_module():
     from lightning_kd.methods import list_methods
 
     assert all(issubclass(get_method(name), DistillationModule) for name in list_methods())
+
+
+class PixelClassifier(torch.nn.Module):
+    """A 1×1-convolution 'segmenter': per-pixel logits [B, C, H, W]."""
+
+    def __init__(self, classes=4, width=3):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(1, width, 1), torch.nn.ReLU(), torch.nn.Conv2d(width, classes, 1))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_per_pixel_training_step_leaves_out_ignored_pixels():
+    """A training step on [B, C, H, W] logits with labels -100 at some pixels is CE + KD averaged over the labelled
+    pixels only (naive loop over the pixels)."""
+    from lightning_kd.methods import KD
+
+    torch.manual_seed(0)
+    student, teacher = PixelClassifier(), PixelClassifier(width=5)
+    model = KD(student, teacher, num_classes=4, ce_weight=0.3, kd_weight=0.7, temperature=2.0)
+    model.log = lambda *args, **kwargs: None
+    images = torch.randn(2, 1, 3, 3)
+    labels = torch.randint(0, 4, (2, 3, 3))
+    labels[0, 0, :] = -100
+    labels[1, 2, 1] = -100
+    loss = model.training_step((images, labels), 0)
+    with torch.no_grad():
+        s, t = student(images).double(), teacher(images).double()
+    terms = []
+    for b in range(2):
+        for i in range(3):
+            for j in range(3):
+                if labels[b, i, j] == -100:
+                    continue
+                log_p_s = torch.log_softmax(s[b, :, i, j], 0)
+                ce = -log_p_s[labels[b, i, j]]
+                p_t, log_p_s_t = torch.softmax(t[b, :, i, j] / 2, 0), torch.log_softmax(s[b, :, i, j] / 2, 0)
+                kd = 4 * (p_t * (p_t.log() - log_p_s_t)).sum()
+                terms.append(0.3 * ce + 0.7 * kd)
+    assert len(terms) == 14
+    assert loss.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)

@@ -7,6 +7,7 @@ import torch
 
 from conftest import make_trainer
 from lightning_kd.losses import dist_loss, dkd_loss, kd_loss, normkd_loss, standardize_logits
+from lightning_kd.terms import KDTerm
 from lightning_kd.methods import (CTKD, DIST, DKD, KD, MLKD, RLD, Batch, InitPhaseDistillation, ModelOutput, NormKD,
                                   Supervised, TfKDSelf, get_method, list_methods)
 
@@ -23,7 +24,7 @@ def test_registry_lists_every_logit_method():
 @pytest.mark.parametrize("name", [n for n in list_methods() if n not in ("DataFreeKD", "LanguageModelKD")])
 def test_every_method_trains_and_logs_its_losses(name, digits):
     # FT's initialisation phase trains the paraphraser alone (built here from the input shape): it must change
-    extra = {"input_shape": (1, 8, 8)} if name == "FT" else {}
+    extra = {"input_shape": (1, 8, 8)} if name == "FT" else {"terms": {"kd": KDTerm()}} if name == "Distiller" else {}
     model = get_method(name)(student="cnn_tiny", teacher="cnn_small", num_classes=10, in_chans=1, **extra)
     trained = model if name == "FT" else model.student
     before = {k: v.clone() for k, v in trained.state_dict().items() if not k.startswith("teacher.")}
