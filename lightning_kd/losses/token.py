@@ -63,9 +63,9 @@ __all__ = [
     "reduce_tokens",
 ]
 
-# Log-probabilities are clamped here so that logits of -inf (masked vocabulary entries) give 0 * finite = 0 rather
-# than 0 * inf = nan in p * (log p - log m).
-_LOG_FLOOR = torch.finfo(torch.float32).min
+# Scaled logits are clamped here so that logits of -inf (masked vocabulary entries) give 0 * finite = 0 rather than
+# 0 * inf = nan in p * (log p - log m).
+_LOGIT_FLOOR = -1e30
 
 
 def _autocast_off(device: torch.device) -> ContextManager:
@@ -94,7 +94,8 @@ def _check_fraction(name: str, value: float) -> float:
 
 
 def _log_probs(logits: Tensor, temperature: float | Tensor) -> Tensor:
-    return F.log_softmax(logits.float() / temperature, dim=-1).clamp(min=_LOG_FLOOR)
+    scaled = logits.float() / temperature  # a new tensor: clamping it in place leaves the caller's logits alone
+    return F.log_softmax(scaled.clamp_(min=_LOGIT_FLOOR), dim=-1)
 
 
 def _kl_from_log_probs(log_a: Tensor, log_b: Tensor) -> Tensor:
