@@ -23,6 +23,7 @@ from lightning_kd.losses.logit import (
 from lightning_kd.losses.logit_extra import mlkd_loss, rld_loss, virtual_teacher_loss, virtual_teacher_probs
 from lightning_kd.losses.online import dml_loss, mean_logit_ensemble, min_logit_ensemble, mutual_learning_losses
 from lightning_kd.losses.relation import cc_loss, pkt_loss, rkd_loss, sp_loss
+from lightning_kd.losses.chunked import TokenLosses, chunked_distillation_loss
 from lightning_kd.losses.token import (
     DIVERGENCES,
     divergence_per_token,
@@ -102,4 +103,6 @@ __all__ = [
     "total_variation_loss",
     "total_variation_per_token",
     "valid_token_mask",
+    "TokenLosses",
+    "chunked_distillation_loss",
 ]
