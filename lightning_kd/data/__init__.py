@@ -7,6 +7,7 @@ from lightning_kd.data.imagefolder import ImageFolderDataModule
 from lightning_kd.data.indexed import IndexedDataModule, IndexedDataset
 from lightning_kd.data.mnist import FashionMNISTDataModule, MNISTDataModule
 from lightning_kd.data.synthetic import DataFreeDataModule, SampleIndices
+from lightning_kd.data.text import TextDataModule
 from lightning_kd.data.views import StrongViewDataModule
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "SplitDataModule",
     "StrongViewDataModule",
     "split_indices",
+    "TextDataModule",
 ]
