@@ -8,7 +8,7 @@ from lightning.pytorch.callbacks import Callback
 
 from conftest import make_trainer
 from lightning_kd.losses import dist_loss, dkd_loss, kd_loss
-from lightning_kd.methods import DIST, DKD, KD, get_method, list_methods
+from lightning_kd.methods import DIST, DKD, KD, InitPhaseDistillation, get_method, list_methods
 from lightning_kd.terms import ATTerm, KDTerm
 
 
@@ -116,11 +116,14 @@ MIXED_METHODS = [name for name in list_methods() if name not in ("DataFreeKD", "
 def test_every_method_trains_with_mixing(name, digits):
     torch.manual_seed(0)
     extra = {"terms": {"kd": KDTerm(), "at": ATTerm(student_layers=["stages.1"], teacher_layers=["stages.1"])}} \
-        if name == "Distiller" else {"input_shape": (1, 8, 8)} if name == "FT" else {}
+        if name == "Distiller" else {}
+    batches = {}
+    if issubclass(get_method(name), InitPhaseDistillation):  # one step of the init phase, then one on mixed batches
+        extra["init_epochs"], batches["limit_train_batches"] = 1, 1
     model = get_method(name)(student="cnn_tiny", teacher="cnn_small", num_classes=10, in_chans=1, mix="cutmix",
                              **extra)
     before = {k: v.clone() for k, v in model.student.state_dict().items()}
-    trainer = make_trainer(max_steps=2, limit_val_batches=0)
+    trainer = make_trainer(max_steps=2, limit_val_batches=0, **batches)
     trainer.fit(model, digits)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert any(not torch.equal(v, model.student.state_dict()[k]) for k, v in before.items())
