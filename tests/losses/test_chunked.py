@@ -149,3 +149,34 @@ def test_bad_inputs_name_the_problem():
         chunked_distillation_loss(**x, divergence="kl")
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_distillation_loss(**x, chunk_size=0)
+
+
+def test_with_hugging_face_models_and_text_batches():
+    """From a text batch through tiny Llama models: the chunked loss on final hidden states and LM heads equals the
+    dense loss on the models' logits, down to the gradients of the student's parameters."""
+    from lightning_kd.data.text import TextDataModule
+    from lightning_kd.models.hf import final_hidden_states, lm_head, tiny_causal_lm
+
+    data = TextDataModule(text="a causal language model predicts the next byte. " * 3, seq_len=32, batch_size=2,
+                          val_fraction=0.0, test_fraction=0.0)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    student = tiny_causal_lm(hidden_size=32, layers=1, heads=2, seed=0)
+    teacher = tiny_causal_lm(hidden_size=48, layers=1, heads=2, seed=1).eval()
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    with torch.no_grad():
+        teacher_hidden = final_hidden_states(teacher, ids, mask)
+    kd, ce = chunked_distillation_loss(final_hidden_states(student, ids, mask), lm_head(student)[0], teacher_hidden,
+                                       lm_head(teacher)[0], labels, mask=mask, shift=True, divergence="reverse_kl",
+                                       chunk_size=16)
+    chunked_grads = torch.autograd.grad(kd + ce, list(student.parameters()))
+    with torch.no_grad():
+        teacher_logits = teacher(ids, attention_mask=mask).logits
+    student_out = student(ids, attention_mask=mask, labels=labels)  # the model's own shifted cross-entropy
+    kd_ref = token_distillation_loss(student_out.logits, teacher_logits, labels, mask=mask, shift=True,
+                                     divergence="reverse_kl")
+    torch.testing.assert_close(kd, kd_ref)
+    torch.testing.assert_close(ce, student_out.loss)
+    dense_grads = torch.autograd.grad(kd_ref + student_out.loss, list(student.parameters()))
+    for grad, grad_ref in zip(chunked_grads, dense_grads):
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-6)
