@@ -206,14 +206,14 @@ DDP_SCRIPT = textwrap.dedent("""
 
 
 def ddp_run(devices: int, batch_size: int) -> LanguageModelKD:
-    """One SGD step on 8 sequences whose numbers of labelled tokens differ (the even ones, rank 0's under DDP,
-    keep 3 of 15 predictions; the odd ones all 15)."""
+    """One SGD step on 8 sequences of which the first 3 keep 3 of their 15 predictions and the others all 15, so
+    that the two ranks' token counts differ however the sampler splits the batch."""
     generator = torch.Generator().manual_seed(0)
     items = []
     for index in range(8):
         ids = torch.randint(0, 256, (16,), generator=generator)
         labels = ids.clone()
-        if index % 2 == 0:
+        if index < 3:
             labels[1:13] = -100
         items.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
     model = LanguageModelKD(tiny_lm(), tiny_lm(seed=1), divergence="forward_kl", kd_weight=1.0, ce_weight=0.5,
