@@ -49,11 +49,11 @@ def build_causal_lm(model: str | dict | nn.Module, vocab: int | None = None) -> 
         if vocab is not None:
             config.setdefault("vocab_size", vocab)
         return hf.tiny_causal_lm(**config)
-    if isinstance(model, str) and model.startswith("hf:"):
-        return hf.load_causal_lm(model)
+    if isinstance(model, str) and hf.is_hf_name(model):
+        return hf.load_hf_model(model, task="causal_lm")
     raise ValueError(f"cannot build a language model from {model!r}: pass an nn.Module, 'hf:<directory or hub id>' "
-                     "or a dict of tiny_causal_lm arguments, e.g. {'vocab_size': 256, 'hidden_size': 64, "
-                     "'num_hidden_layers': 2}")
+                     "or a dict of tiny_causal_lm arguments, e.g. {'vocab_size': 256, 'hidden_size': 64, 'layers': 2, "
+                     "'seed': 0}")
 
 
 def vocab_size(model: nn.Module) -> int:
@@ -82,7 +82,7 @@ class LanguageModelKD(DistillationModule):
 
     Models are ``nn.Module`` s (Hugging Face causal LMs, called as ``model(input_ids=..., attention_mask=...)``),
     ``"hf:<directory or hub id>"`` or a dict of :func:`lightning_kd.models.hf.tiny_causal_lm` arguments (YAML:
-    ``student: {vocab_size: 256, hidden_size: 64, num_hidden_layers: 2}``); names and dicts are stored in the
+    ``student: {vocab_size: 256, hidden_size: 64, layers: 2, seed: 0}``); names and dicts are stored in the
     hyper-parameters, so ``load_from_checkpoint`` rebuilds the models (modules must be passed again). The teacher
     stays in eval mode, gets no gradients and is left out of checkpoints unless ``save_teacher``.
 

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import make_trainer
+from lightning_kd.data.text import TextDataModule
 from lightning_kd.methods import LanguageModelKD, get_method
 from lightning_kd.methods.lm import TokenBatch
 from lightning_kd.terms import AttentionRelationTerm, HiddenStateTerm, TAIDTerm
@@ -52,10 +53,6 @@ class ByteText(L.LightningDataModule):
 
 
 def text_data():
-    try:
-        from lightning_kd.data.text import TextDataModule
-    except ImportError:
-        return ByteText()
     return TextDataModule(seq_len=16, batch_size=8)
 
 
@@ -114,6 +111,18 @@ def test_checkpoint_round_trip_without_the_teacher(tmp_path):
     assert restored.terms["kd"].beta == 0.3 and restored.terms["kd"].weight == 0.5
     assert all(torch.equal(v, restored.student.state_dict()[k]) for k, v in model.student.state_dict().items())
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in restored.teacher.state_dict().items())
+
+
+def test_models_named_by_config_rebuild_from_the_checkpoint_alone(tmp_path):
+    model = LanguageModelKD(student={"vocab_size": 256, "hidden_size": 32, "layers": 2, "seed": 0},
+                            teacher={"vocab_size": 256, "hidden_size": 32, "layers": 3, "seed": 1}, divergence="tvd")
+    trainer = make_trainer(max_steps=1, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(model, text_data())
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    restored = LanguageModelKD.load_from_checkpoint(tmp_path / "last.ckpt", weights_only=True)
+    assert restored.terms["kd"].divergence == "tvd" and len(restored.teacher.model.layers) == 3
+    assert all(torch.equal(v, restored.student.state_dict()[k]) for k, v in model.student.state_dict().items())
+    assert all(torch.equal(v, restored.teacher.state_dict()[k]) for k, v in model.teacher.state_dict().items())
 
 
 def test_composite_checkpoint_stores_term_specs(tmp_path):
