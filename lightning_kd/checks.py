@@ -58,7 +58,8 @@ class InputChecks(Callback):
         check_batch(batch.input, batch.target, hparams.get("in_chans"), stage, batch_idx)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._check(trainer, pl_module, batch, batch_idx, "training")
+        if getattr(pl_module, "trains_on_data_batches", True):  # DataFreeKD's training batches are sample indices
+            self._check(trainer, pl_module, batch, batch_idx, "training")
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         self._check(trainer, pl_module, batch, batch_idx, "validation")

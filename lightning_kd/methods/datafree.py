@@ -79,6 +79,9 @@ class DataFreeKD(DistillationModule):
         ce_weight: must stay 0: there are no labels to train with.
     """
 
+    #: training batches are sample indices, not images (the inputs are generated): not checked as images
+    trains_on_data_batches = False
+
     def __init__(self, *args, generator: str = "dfad", latent_dim: int = 256, generator_width: int = 64,
                  generator_lr: float = 1e-3, student_steps: int = 5, adversarial_weight: float = 1.0,
                  bn_weight: float = 1.0, discrepancy: str = "l1", temperature: float = 1.0,

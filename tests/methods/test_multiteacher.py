@@ -346,3 +346,17 @@ def test_two_process_ddp_on_cpu_trains_and_logs(tmp_path):
     val = [r for r in rows if r.get("val/teacher_acc")]
     assert len(train) == 3 and all(math.isfinite(float(r["train/loss_kd"])) for r in train)
     assert len(val) == 1 and 0 <= float(val[0]["val/agreement"]) <= 1
+
+
+def test_standardize_z_scores_each_teacher_before_they_are_combined():
+    """Logit standardization (Sun et al., CVPR 2024) applies to each teacher and the student, not to the mixture."""
+    model = MultiTeacherKD(student="cnn_tiny", teacher=["cnn_tiny"] * 2, num_classes=6, in_chans=1,
+                           temperature=2.0, kd_weight=0.5, standardize=True)
+    z, target = logits(2, 5, 6, seed=8), torch.tensor([0, 1, 2, 3, 4])
+
+    def z_score(x):  # over classes, unbiased std, as the paper's code
+        return (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True) + 1e-7)
+
+    weights = torch.full((2, 5), 0.5, dtype=torch.float64)
+    assert_matches_naive(lambda s: method_loss(model, s, z.float(), target),
+                         lambda s: 0.5 * naive_multi_kd(z_score(s), z_score(z), weights, 2.0), logits(5, 6, seed=9))
