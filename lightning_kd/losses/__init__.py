@@ -24,6 +24,7 @@ from lightning_kd.losses.logit_extra import mlkd_loss, rld_loss, virtual_teacher
 from lightning_kd.losses.online import dml_loss, mean_logit_ensemble, min_logit_ensemble, mutual_learning_losses
 from lightning_kd.losses.relation import cc_loss, pkt_loss, rkd_loss, sp_loss
 from lightning_kd.losses.chunked import TokenLosses, chunked_distillation_loss
+from lightning_kd.losses.sparse import sparse_divergence_per_token, sparse_teacher, sparse_token_distillation_loss
 from lightning_kd.losses.token import (
     DIVERGENCES,
     divergence_per_token,
@@ -105,4 +106,7 @@ __all__ = [
     "valid_token_mask",
     "TokenLosses",
     "chunked_distillation_loss",
+    "sparse_divergence_per_token",
+    "sparse_teacher",
+    "sparse_token_distillation_loss",
 ]
