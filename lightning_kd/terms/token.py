@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_kd.losses.chunked import chunked_distillation_loss
+from lightning_kd.losses.sparse import sparse_teacher, sparse_token_distillation_loss
 from lightning_kd.losses.token import (DIVERGENCES, global_token_count, reduce_tokens, token_distillation_loss,
                                        valid_token_mask)
 from lightning_kd.terms.base import DistillationTerm
@@ -113,6 +114,11 @@ class TokenKLTerm(DistillationTerm):
     gradients, without ``(B, T, V)`` logits (the host then skips the models' LM heads in training when no other term
     reads logits). Teacher logits replayed from a cache are used as they are.
 
+    Sparse teacher: with ``top_k`` the teacher's distribution is cut to its ``top_k`` largest probabilities plus one
+    tail bucket and the student's collapsed to the same buckets (:mod:`lightning_kd.losses.sparse`); a teacher output
+    carrying ``sparse = (values, indices)`` (replayed by :class:`~lightning_kd.lm_cache.TokenTeacherCache`) is used
+    that way whatever ``top_k``. Not with ``chunked``.
+
     Args:
         divergence: the name of the divergence.
         temperature: softmax temperature of both distributions.
@@ -123,6 +129,7 @@ class TokenKLTerm(DistillationTerm):
         ignore_index: the label of tokens left out.
         chunked: compute from hidden states chunk by chunk.
         chunk_size: tokens per chunk.
+        top_k: compare over the teacher's top-``k`` tokens plus a tail bucket; ``None``: the full distributions.
     """
 
     reads_logits = True
@@ -130,8 +137,13 @@ class TokenKLTerm(DistillationTerm):
 
     def __init__(self, divergence: str = "forward_kl", temperature: float = 1.0, *, temperature_squared: bool = False,
                  beta: float = 0.5, skew: float = 0.1, shift: bool = True, ignore_index: int = -100,
-                 chunked: bool = False, chunk_size: int = 1024, **kwargs):
+                 chunked: bool = False, chunk_size: int = 1024, top_k: int | None = None, **kwargs):
         super().__init__(**kwargs)
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k={top_k} must be a positive number of tokens (or None: the full distribution)")
+        if top_k is not None and chunked:
+            raise ValueError("top_k compares the student's logits with the teacher's top-k, but chunked=True never "
+                             "forms them: use one of the two")
         if divergence not in DIVERGENCES:
             raise ValueError(f"unknown divergence {divergence!r}: use one of {', '.join(DIVERGENCES)}")
         if not temperature > 0:
@@ -150,6 +162,7 @@ class TokenKLTerm(DistillationTerm):
         self.ignore_index = ignore_index
         self.chunked = chunked
         self.chunk_size = chunk_size
+        self.top_k = top_k
 
     @property
     def needs_dense_logits(self) -> bool:
@@ -181,6 +194,8 @@ class TokenKLTerm(DistillationTerm):
     def token_loss(self, batch: Batch, student_out: ModelOutput, teacher_out: ModelOutput,
                    options: dict[str, Any]) -> Tensor:
         """The reduced divergence with ``options`` (divergence, temperature, beta, skew)."""
+        if self.top_k is not None or getattr(teacher_out, "sparse", None) is not None:
+            return self.sparse_loss(batch, student_out, teacher_out, options)
         if self.chunked:
             return self._chunked_loss(batch, student_out, teacher_out, options)
         return self.dense_loss(batch, *self.logits(student_out, teacher_out), options)
@@ -194,6 +209,27 @@ class TokenKLTerm(DistillationTerm):
                                                mask=_attention_mask(batch), shift=self.shift,
                                                ignore_index=self.ignore_index, num_valid_tokens=count,
                                                scale_by_temperature_squared=self.temperature_squared, **options)
+
+    def sparse_loss(self, batch: Batch, student_out: ModelOutput, teacher_out: ModelOutput,
+                    options: dict[str, Any]) -> Tensor:
+        """The reduced divergence against the sparse teacher: replayed ``teacher_out.sparse``, else the top-``top_k``
+        of the teacher's logits."""
+        if self.chunked:
+            raise ValueError("a sparse teacher (top_k or replayed top-k outputs) needs the student's logits: use "
+                             "chunked=False")
+        student_logits, teacher_logits = self.logits(student_out, teacher_out)
+        sparse = getattr(teacher_out, "sparse", None)
+        if sparse is None:
+            k = min(self.top_k, teacher_logits.shape[-1])
+            sparse = sparse_teacher(teacher_logits.detach(), k, options["temperature"])
+        values, indices = sparse
+        valid = self.valid_tokens(batch, student_logits.shape[:-1], student_logits.device)
+        count, world = token_normalizer(valid)
+        return world * sparse_token_distillation_loss(student_logits, values, indices, batch.target,
+                                                      mask=_attention_mask(batch), shift=self.shift,
+                                                      ignore_index=self.ignore_index, num_valid_tokens=count,
+                                                      scale_by_temperature_squared=self.temperature_squared,
+                                                      **options)
 
     def _chunked_loss(self, batch: Batch, student_out: ModelOutput, teacher_out: ModelOutput,
                       options: dict[str, Any]) -> Tensor:
@@ -261,6 +297,8 @@ class TAIDTerm(TokenKLTerm):
             raise ValueError(f"TAID needs 0 <= t_start <= t_end <= 1, got t_start={t_start}, t_end={t_end}")
         if kwargs.get("chunked"):
             raise ValueError("TAIDTerm interpolates full logits: chunked=True is not supported")
+        if kwargs.get("top_k") is not None:
+            raise ValueError("TAIDTerm interpolates full logits: leave top_k=None")
         super().__init__("forward_kl", temperature, shift=shift, ignore_index=ignore_index, **kwargs)
         self.t_start, self.t_end, self.alpha, self.momentum = t_start, t_end, alpha, momentum
         self.total_steps, self.adaptive = total_steps, adaptive
