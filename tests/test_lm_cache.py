@@ -10,11 +10,12 @@ from torch.utils.data import default_collate
 
 from conftest import make_trainer
 from lightning_kd.data.text import TextDataModule
-from lightning_kd.lm_cache import TokenTeacherCache
-from lightning_kd.losses.sparse import sparse_teacher
+from lightning_kd.lm_cache import TokenTeacherCache, token_data_fingerprint
+from lightning_kd.losses.sparse import sparse_teacher, sparse_token_distillation_loss
+from lightning_kd.methods.lm import TokenBatch
 from lightning_kd.methods import LanguageModelKD
 from lightning_kd.models.hf import tiny_causal_lm
-from lightning_kd.terms import TAIDTerm
+from lightning_kd.terms import TAIDTerm, TokenKLTerm, term_from_spec
 
 TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(40))  # ~2.2 kB
 
@@ -27,10 +28,17 @@ def text_data(batch_size=4):
     return TextDataModule(text=TEXT, seq_len=16, batch_size=batch_size, val_fraction=0.1, test_fraction=0.0)
 
 
-def train_blocks():
-    data = text_data()
+def train_blocks(**options):
+    data = TextDataModule(**{**dict(text=TEXT, seq_len=16, val_fraction=0.1, test_fraction=0.0), **options})
     data.setup("fit")
     return data.datasets["train"]
+
+
+def test_text_blocks_are_deterministic_and_their_fingerprint_follows_them():
+    assert token_data_fingerprint(train_blocks()) == token_data_fingerprint(train_blocks())
+    assert torch.equal(train_blocks().blocks, train_blocks().blocks)
+    assert token_data_fingerprint(train_blocks(split_seed=1)) != token_data_fingerprint(train_blocks())
+    assert token_data_fingerprint(train_blocks(seq_len=8)) != token_data_fingerprint(train_blocks())
 
 
 @pytest.mark.parametrize("dtype, tolerance", [("float32", 0.0), ("float16", 2e-3)])
@@ -110,6 +118,29 @@ def test_a_cached_run_skips_the_teacher_and_equals_the_live_sparse_loss(tmp_path
     live = model.distillation_losses(batch, *model._forward_pair(batch, 0))["kd"]
     assert counter.calls == 1
     assert cached.item() == pytest.approx(live.item(), rel=1e-6)
+    # the live top-k term is the sparse loss of the teacher's logits
+    with torch.no_grad():
+        student_logits = model(batch.input, batch.attention_mask)
+        teacher_logits = teacher(input_ids=batch.input, attention_mask=batch.attention_mask).logits
+    expected = sparse_token_distillation_loss(student_logits, *sparse_teacher(teacher_logits, 8), batch.target,
+                                              divergence="reverse_kl", mask=batch.attention_mask, shift=True)
+    assert live.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert term_from_spec(model.terms["kd"].spec(), "kd").top_k == 8
+    # generated batches have no stored outputs: the live teacher runs
+    model.replay_teacher = cache.replay
+    generated = TokenBatch(batch.input, batch.target, attention_mask=batch.attention_mask, generated="student")
+    counter.calls = 0
+    model.forward_teacher(generated)
+    assert counter.calls == 1
+
+
+def test_top_k_options_are_checked():
+    with pytest.raises(ValueError, match="top_k=0 must be a positive"):
+        TokenKLTerm(top_k=0)
+    with pytest.raises(ValueError, match="chunked=True never forms them"):
+        TokenKLTerm(top_k=4, chunked=True)
+    with pytest.raises(ValueError, match="leave top_k=None"):
+        TAIDTerm(top_k=4)
 
 
 def test_terms_that_need_full_teacher_logits_are_refused(tmp_path):

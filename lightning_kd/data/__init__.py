@@ -6,6 +6,7 @@ from lightning_kd.data.digits import DigitsDataModule
 from lightning_kd.data.imagefolder import ImageFolderDataModule
 from lightning_kd.data.indexed import IndexedDataModule, IndexedDataset
 from lightning_kd.data.mnist import FashionMNISTDataModule, MNISTDataModule
+from lightning_kd.data.onpolicy import choose_source, generate_continuations
 from lightning_kd.data.synthetic import DataFreeDataModule, SampleIndices
 from lightning_kd.data.text import TextDataModule
 from lightning_kd.data.views import StrongViewDataModule
@@ -27,4 +28,6 @@ __all__ = [
     "StrongViewDataModule",
     "split_indices",
     "TextDataModule",
+    "choose_source",
+    "generate_continuations",
 ]

@@ -1,8 +1,12 @@
 """On-policy / sequence-level KD data: the per-step draw, generated continuations (prompt masked in the labels, the
 model's own generate with the same seed, EOS padding, mode restored) and LanguageModelKD training on them."""
 
+import doctest
+
 import pytest
 import torch
+
+import lightning_kd.data.onpolicy
 
 from conftest import make_trainer
 from lightning_kd.data.onpolicy import choose_source, generate_continuations
@@ -149,3 +153,8 @@ def test_mixed_fractions_and_bad_options():
         LanguageModelKD(tiny(0), kd_weight=0, sequence_kd_fraction=0.5)
     with pytest.raises(ValueError, match="add up to more than 1"):
         LanguageModelKD(tiny(0), tiny(1), on_policy_fraction=0.6, sequence_kd_fraction=0.6)
+
+
+def test_docstring_examples_run():
+    result = doctest.testmod(lightning_kd.data.onpolicy)
+    assert result.attempted > 0 and result.failed == 0

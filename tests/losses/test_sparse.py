@@ -1,11 +1,13 @@
 """Sparse (top-k + tail) teacher divergences: a naive float64 loop over the k + 1 buckets, the dense losses at k = V
 in value and gradient, hand-computed values, masking/shift/normalisation as the dense token loss, and errors."""
 
+import doctest
 import math
 
 import pytest
 import torch
 
+import lightning_kd.losses.sparse
 from lightning_kd.losses.sparse import (
     SPARSE_DIVERGENCES,
     TAIL_FLOOR,
@@ -133,3 +135,8 @@ def test_bad_input_names_the_problem():
         sparse_divergence_per_token(student, values, indices, "kl")
     with pytest.raises(ValueError, match="same shape"):
         sparse_divergence_per_token(student, values, indices[:, :1])
+
+
+def test_docstring_examples_run():
+    result = doctest.testmod(lightning_kd.losses.sparse)
+    assert result.attempted > 0 and result.failed == 0
