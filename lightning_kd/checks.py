@@ -52,6 +52,10 @@ class InputChecks(Callback):
         if unpack is None:
             return
         batch = unpack(batch)
+        from lightning_kd.methods.lm import TokenBatch
+
+        if isinstance(batch, TokenBatch):  # token ids, not images: LanguageModelKD checks them against its vocabulary
+            return
         if batch.input.device.type != "cpu" and batch_idx > 0:
             return
         hparams = getattr(pl_module, "hparams", {})

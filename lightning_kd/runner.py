@@ -18,9 +18,14 @@ An experiment file::
 Each run is a mapping of CLI arguments (``{"model": "KD", "model.temperature": 4}`` is
 ``--model KD --model.temperature 4``; a YAML file for a group, ``{"data": "configs/data/digits.yaml"}``, is
 ``--data configs/data/digits.yaml``; ``config: [file, ...]`` adds ``--config file`` first). Runs get the teacher as ``model.teacher`` and ``model.teacher_weights``
-unless they set ``model.teacher`` themselves. Every finished (run, seed) is appended to ``results.jsonl`` with
+unless they set ``model.teacher`` themselves (``model.student`` may be a mapping, e.g. a small causal LM's config). Every finished (run, seed) is appended to ``results.jsonl`` with
 its resolved config, and is not run again while its arguments and config files are unchanged, so an
 interrupted sweep resumes where it stopped (``--overwrite`` reruns everything).
+
+The table's columns are ``columns:`` (a mapping ``metric: header``; default test top-1, best validation top-1,
+agreement and time): any test metric (``test/bpb``), ``best_val_<name>`` for a validation metric (the lowest for
+losses, ``bpb`` and ``ppl``, else the highest) and ``wall_time_s``. A search selects on ``search.metric`` (see
+:mod:`lightning_kd.search`), e.g. ``search: {metric: val/bpb}`` for language models.
 
 Reliability: a fit stopped by SIGINT/SIGTERM (or a crash) leaves a checkpoint in the run's folder (``last.ckpt``
 after every epoch, ``interrupted.ckpt`` at the batch where it stopped, random number generator states included) and
@@ -54,28 +59,36 @@ from lightning.pytorch.callbacks import Callback
 from lightning_kd.models.weights import load_checkpoint
 from lightning_kd.report import (COLUMNS, PERCENT, latest_records, mean_std, plot_results,  # noqa: F401  (API)
                                  plot_sensitivity, report, results_table, search_report, table_runs)
-from lightning_kd.search import SEARCH_DEFAULTS, expand, label, search_options, select_best  # noqa: F401
+from lightning_kd.search import (SEARCH_DEFAULTS, curve_key, expand, label, lower_is_better,  # noqa: F401
+                                 search_options, select_best)
 
-EXPERIMENT_KEYS = ("output_dir", "config", "common", "seeds", "defaults", "teacher", "runs", "search")
+EXPERIMENT_KEYS = ("output_dir", "config", "common", "seeds", "defaults", "teacher", "runs", "search", "columns")
 RESUME_FILES = ("interrupted.ckpt", "last.ckpt")
 
 
 class ValidationHistory(Callback):
-    """Collects ``val/acc`` after every validation epoch (sanity checks excluded); kept in checkpoints so that a
-    resumed fit reports the whole curve."""
+    """Collects ``val/acc`` (``accuracies``) and every other scalar ``val/*`` metric (``curves`` by name) after every
+    validation (sanity checks excluded); kept in checkpoints so that a resumed fit reports the whole curves."""
 
     def __init__(self):
         self.accuracies: list[float] = []
+        self.curves: dict[str, list[float]] = {}
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking and "val/acc" in trainer.callback_metrics:
+        if trainer.sanity_checking:
+            return
+        if "val/acc" in trainer.callback_metrics:
             self.accuracies.append(float(trainer.callback_metrics["val/acc"]))
+        for name, value in trainer.callback_metrics.items():
+            if name.startswith("val/") and name != "val/acc" and getattr(value, "numel", lambda: 1)() == 1:
+                self.curves.setdefault(name, []).append(float(value))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"accuracies": list(self.accuracies)}
+        return {"accuracies": list(self.accuracies), "curves": {k: list(v) for k, v in self.curves.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.accuracies = list(state_dict.get("accuracies", []))
+        self.curves = {k: list(v) for k, v in state_dict.get("curves", {}).items()}
 
 
 class ResumeCheckpoints(Callback):
@@ -201,6 +214,9 @@ def fit_and_test(args: list[str], root: Path, seed: int, test: bool = True,
     if history.accuracies:
         record["best_val_acc"] = max(history.accuracies)
         record["best_epoch"] = history.accuracies.index(record["best_val_acc"])
+    for name, curve in history.curves.items():  # e.g. val_bpb and best_val_bpb (the lowest: lower is better)
+        record[curve_key(name)] = curve
+        record["best_" + curve_key(name)] = min(curve) if lower_is_better(name) else max(curve)
     record["wall_time_s"] = time.perf_counter() - start
     record["config"] = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False, skip_link_targets=False))
     return record, cli.model
@@ -233,8 +249,10 @@ def _run_specs(spec: dict[str, Any], teacher_weights: str | Path) -> list[tuple[
     runs = []
     for name, run in spec["runs"].items():
         run = {**spec.get("defaults", {}), **run}
+        teacher_model = teacher["model.student"]  # a name, or a mapping (e.g. a tiny_causal_lm config) as JSON
         teacher_args = [] if run.get("model.teacher") is not None else [
-            "--model.teacher", teacher["model.student"], "--model.teacher_weights", str(teacher_weights)]
+            "--model.teacher", teacher_model if isinstance(teacher_model, str) else json.dumps(teacher_model),
+            "--model.teacher_weights", str(teacher_weights)]
         runs.append((name, run, common, teacher_args))
     return runs
 
@@ -485,7 +503,7 @@ def run_experiment(path: str | Path, overwrite: bool = False, console: Any = Non
             candidates[entry] = execute(entry, common + _arguments({**run, **setting}) + extra_args, search_seeds,
                                         (teacher_key,), model, test=False,
                                         extra={"search_of": name, "setting": setting})
-        best, val_score = select_best(candidates, options["select"])
+        best, val_score = select_best(candidates, options["select"], options["metric"], options["mode"])
         chosen = by_label[best]
         extra = {"selected_of": name, "setting": chosen, "selected": label(chosen), "selection_score": val_score,
                  "select": options["select"]}
@@ -507,8 +525,15 @@ def _announce(console: Any, name: str, seed: int, index: int) -> None:
         console.rule(f"{step}[bold]{escape(name)}[/bold] · seed {seed}")
 
 
-def _record(results_file: Path, name: str, seed: int, key: str, model: str, metrics: dict[str, Any]) -> dict:
-    record = {"run": name, "seed": seed, "fingerprint": key, "model": model, **metrics}
+def _model_name(model: Any) -> str:
+    """A model as the table shows it: its name, or a config mapping as ``key=value`` pairs (its seed left out)."""
+    if isinstance(model, dict):
+        return " ".join(f"{k.replace('_size', '')}={v}" for k, v in model.items() if k not in ("seed", "vocab_size"))
+    return str(model)
+
+
+def _record(results_file: Path, name: str, seed: int, key: str, model: Any, metrics: dict[str, Any]) -> dict:
+    record = {"run": name, "seed": seed, "fingerprint": key, "model": _model_name(model), **metrics}
     append_record(results_file, record)
     return record
 
@@ -530,7 +555,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(143)
     spec = load_experiment(args.experiment)
     output_dir = output_directory(spec, args.experiment)
-    table = report(records, table_runs(spec), output_dir, search_options(spec)["select"])
+    options = search_options(spec)
+    table = report(records, table_runs(spec), output_dir, options["select"], columns=spec.get("columns"),
+                   metric=options["metric"], mode=options["mode"])
     print()
     print(table)
     print(f"\nrecords: {output_dir / 'results.jsonl'}; table and plot: {output_dir / 'results.md'}, "

@@ -8,6 +8,8 @@ In a run of an experiment file, an argument searched over is a one-key mapping:
 * ``{uniform: [low, high]}``, ``{loguniform: [low, high]}``: sampled (needs ``search.samples``).
 
 Every combination (the grid) is a setting, or ``search.samples`` settings drawn at random with ``search.seed``.
+A setting is scored by ``search.metric`` on validation (default ``val/acc``, the highest wins; a metric named like a
+loss, ``val/loss``, ``val/bpb``, ``val/ppl``, is lowest-wins unless ``search.mode`` says ``max``).
 """
 
 from __future__ import annotations
@@ -79,28 +81,52 @@ def label(setting: dict[str, Any]) -> str:
     return ", ".join(f"{key.split('.')[-1]}={short(value)}" for key, value in setting.items())
 
 
-def score(record: dict[str, Any], select: str = "last") -> float:
-    """The validation score of one run: top-1 after the last epoch (``last``) or at the best epoch (``best``)."""
+LOWER_IS_BETTER = ("loss", "bpb", "ppl", "nll")
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller ``metric`` is better: its last name part is (or ends in) a loss, ``bpb``, ``ppl`` or ``nll``."""
+    return metric.rsplit("/", 1)[-1].endswith(LOWER_IS_BETTER)
+
+
+def curve_key(metric: str) -> str:
+    """The record key of a validation metric's curve (one value per validation): ``val/bpb`` -> ``val_bpb``."""
+    return metric.replace("/", "_")
+
+
+def _mode(metric: str, mode: str | None) -> str:
+    return mode or ("min" if lower_is_better(metric) else "max")
+
+
+def score(record: dict[str, Any], select: str = "last", metric: str = "val/acc", mode: str | None = None) -> float:
+    """The validation score of one run: ``metric`` after the last validation (``last``) or at its best one
+    (``best``: the highest, or the lowest for ``mode="min"``; ``None``: by :func:`lower_is_better`)."""
     if select not in ("last", "best"):
         raise ValueError(f"search.select must be 'last' or 'best', got {select!r}")
-    curve = record.get("val_acc") or []
+    curve = record.get(curve_key(metric)) or []
     if not curve:
-        raise ValueError(f"run {record.get('run')!r} (seed {record.get('seed')}) has no validation accuracy to select on")
-    return curve[-1] if select == "last" else max(curve)
+        raise ValueError(f"run {record.get('run')!r} (seed {record.get('seed')}) has no {metric} to select on: "
+                         "set search.metric to a metric the module logs in validation")
+    if select == "last":
+        return curve[-1]
+    return min(curve) if _mode(metric, mode) == "min" else max(curve)
 
 
-def select_best(candidates: dict[str, list[dict[str, Any]]], select: str = "last") -> tuple[str, float]:
-    """The candidate (by label) with the highest mean validation score over its seeds, and that score; ties go to
-    the first candidate."""
-    means = {name: sum(score(r, select) for r in rows) / len(rows) for name, rows in candidates.items() if rows}
+def select_best(candidates: dict[str, list[dict[str, Any]]], select: str = "last", metric: str = "val/acc",
+                mode: str | None = None) -> tuple[str, float]:
+    """The candidate (by label) with the best mean validation score over its seeds (the highest, or the lowest for
+    ``mode="min"``), and that score; ties go to the first candidate."""
+    means = {name: sum(score(r, select, metric, mode) for r in rows) / len(rows)
+             for name, rows in candidates.items() if rows}
     if not means:
         raise ValueError("no finished search runs to select from")
-    best = max(means, key=means.get)
+    best = (min if _mode(metric, mode) == "min" else max)(means, key=means.get)
     return best, means[best]
 
 
 def sensitivity_rows(candidates: dict[str, list[dict[str, Any]]], settings: dict[str, dict[str, Any]],
-                     select: str = "last") -> list[tuple[str, Any, float, int]]:
+                     select: str = "last", metric: str = "val/acc",
+                     mode: str | None = None) -> list[tuple[str, Any, float, int]]:
     """For each searched argument and each of its values: the mean validation score of all finished candidate runs
     with that value, and how many runs it averages: ``(argument, value, mean score, runs)``."""
     rows = []
@@ -108,14 +134,15 @@ def sensitivity_rows(candidates: dict[str, list[dict[str, Any]]], settings: dict
     for argument in arguments:
         values = sorted({setting[argument] for setting in settings.values()}, key=lambda v: (str(type(v)), v))
         for value in values:
-            scores = [score(r, select) for name, setting in settings.items() if setting[argument] == value
+            scores = [score(r, select, metric, mode) for name, setting in settings.items() if setting[argument] == value
                       for r in candidates.get(name, [])]
             if scores:
                 rows.append((argument, value, sum(scores) / len(scores), len(scores)))
     return rows
 
 
-SEARCH_DEFAULTS = {"select": "last", "samples": None, "seed": 0, "seeds": None, "retrain": True}
+SEARCH_DEFAULTS = {"select": "last", "samples": None, "seed": 0, "seeds": None, "retrain": True, "metric": "val/acc",
+                   "mode": None}
 
 
 def search_options(spec: dict[str, Any]) -> dict[str, Any]:
@@ -126,4 +153,8 @@ def search_options(spec: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"unknown search options {sorted(unknown)}; known: {sorted(SEARCH_DEFAULTS)}")
     if options["select"] not in ("last", "best"):
         raise ValueError(f"search.select={options['select']!r}: use 'last' or 'best'")
+    if not (isinstance(options["metric"], str) and options["metric"].startswith("val/")):
+        raise ValueError(f"search.metric={options['metric']!r}: name a validation metric, e.g. 'val/acc' or 'val/bpb'")
+    if options["mode"] not in (None, "min", "max"):
+        raise ValueError(f"search.mode={options['mode']!r}: use 'min', 'max' or leave it out")
     return options

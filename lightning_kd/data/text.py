@@ -97,6 +97,7 @@ class TextDataModule(SplitDataModule):
         self.save_hyperparameters()
         self.datasets = {}
         self._tokenizer = None
+        self._tokens_per_byte: float | None = None
 
     @property
     def tokenizer(self):
@@ -110,6 +111,19 @@ class TextDataModule(SplitDataModule):
     @property
     def vocab_size(self) -> int:
         return BYTE_VOCAB_SIZE if self.tokenizer is None else len(self.tokenizer)
+
+    @property
+    def num_classes(self) -> int:
+        """The vocabulary size (the CLI links it to the model's ``num_classes``)."""
+        return self.vocab_size
+
+    @property
+    def tokens_per_byte(self) -> float | None:
+        """Tokens per UTF-8 byte of the text, for bits per byte: 1 for byte tokens; for a tokenizer, measured on the
+        whole text by ``setup`` (``None`` before it)."""
+        if self.hparams.tokenizer is None:
+            return 1.0
+        return self._tokens_per_byte
 
     @property
     def pad_id(self) -> int:
@@ -148,7 +162,11 @@ class TextDataModule(SplitDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        ids = torch.tensor(self.encode(self.documents()), dtype=torch.long)
+        documents = self.documents()
+        ids = torch.tensor(self.encode(documents), dtype=torch.long)
+        if self.hparams.tokenizer is not None:
+            num_bytes = len("\n\n".join(documents).encode("utf-8"))
+            self._tokens_per_byte = ids.numel() / max(num_bytes, 1)
         seq_len = self.hparams.seq_len
         if ids.numel() == 0:
             raise ValueError("the text is empty: pass text=, files= or a corpus with content")
