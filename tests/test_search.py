@@ -79,9 +79,9 @@ def test_search_selects_on_validation_without_reading_the_test_split(search_expe
     events = []
     real_fit, real_test_loader = runner.fit_and_test, DigitsDataModule.test_dataloader
 
-    def fit(args, root, seed, test=True):
+    def fit(args, root, seed, test=True, **kwargs):
         events.append(("fit", root.parent.name, test))
-        return real_fit(args, root, seed, test=test)
+        return real_fit(args, root, seed, test=test, **kwargs)
 
     def test_loader(self):
         events.append(("test split read",))
