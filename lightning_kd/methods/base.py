@@ -599,6 +599,19 @@ class DistillationModule(L.LightningModule):
         if self.teacher is not None and not any(k.startswith("teacher.") for k in state):
             state.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, map_location: Any = None, hparams_file: Any = None,
+                             strict: bool | None = None, weights_only: bool | None = True, **kwargs: Any) -> Any:
+        """Lightning's ``load_from_checkpoint``, always with ``torch.load(weights_only=True)``: a checkpoint is read as
+        tensors, numbers, strings and containers, never as pickled objects that could run code (terms are stored as
+        specs, optimizer factories not at all). ``weights_only=False`` is refused."""
+        if weights_only is False:
+            raise ValueError("load_from_checkpoint(weights_only=False) would unpickle arbitrary objects, which can run "
+                             "code from the file; lightning-kd checkpoints load with weights_only=True. For a file that "
+                             "needs more, load it once in a trusted session and re-save its state_dict")
+        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
+                                            strict=strict, weights_only=True, **kwargs)
+
     def _rename_legacy_keys(self, state: dict[str, Tensor]) -> None:
         """Checkpoints written before a method's parts moved into its terms hold them at the top level
         (``projector.weight``); rename each such key to the one term entry it now is (``terms.fitnet.projector.weight``)."""

@@ -31,3 +31,15 @@ def test_a_checkpoint_from_before_terms_loads_into_the_same_parts(name, monkeypa
             assert restored.hparams[key] == value, f"{name}: hyper-parameter {key}"
     results = make_trainer(limit_test_batches=2).test(restored, DigitsDataModule(batch_size=64), verbose=False)
     assert 0.0 <= results[0]["test/acc"] <= 1.0
+
+
+def test_load_from_checkpoint_reads_weights_only(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    seen = []
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: seen.append(kwargs.get("weights_only")) or load(*args,
+                                                                                                              **kwargs))
+    get_method("KD").load_from_checkpoint(LEGACY / "KD.ckpt")
+    assert seen and all(flag is True for flag in seen)
+    with pytest.raises(ValueError, match=r"weights_only=False\) would unpickle"):
+        get_method("KD").load_from_checkpoint(LEGACY / "KD.ckpt", weights_only=False)
