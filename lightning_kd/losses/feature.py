@@ -15,6 +15,15 @@ Implemented:
 * :func:`fitnet_loss` -- FitNets hints, Romero et al., ICLR 2015.
 * :func:`logsum_distance` -- the soft-maximum distance of Miles &
   Mikolajczyk, AAAI 2024.
+
+and the losses of the methods with learnt adapters or a pre-training phase:
+
+* :func:`vid_loss` -- Variational Information Distillation, Ahn et al., CVPR 2019.
+* :func:`fsp_matrix`, :func:`fsp_loss` -- Flow of Solution Procedure, Yim et al., CVPR 2017.
+* :func:`ab_loss` -- Activation Boundaries, Heo et al., AAAI 2019.
+* :func:`ft_loss` -- Factor Transfer, Kim et al., NeurIPS 2018.
+* :func:`pool_to_common_size` -- the spatial matching VID, FSP and FT apply
+  before comparing maps.
 """
 
 from __future__ import annotations
@@ -27,7 +36,10 @@ from torch import Tensor
 
 from lightning_kd.losses.logit import _autocast_off
 
-__all__ = ["at_loss", "nst_loss", "fitnet_loss", "logsum_distance"]
+__all__ = [
+    "at_loss", "nst_loss", "fitnet_loss", "logsum_distance",
+    "vid_loss", "fsp_matrix", "fsp_loss", "ab_loss", "ft_loss", "pool_to_common_size",
+]
 
 
 # --------------------------------------------------------------------------- #
@@ -61,6 +73,20 @@ def _pool_to_common_size(student: Tensor, teacher: Tensor) -> Tuple[Tensor, Tens
     if tuple(teacher.shape[-2:]) != (height, width):
         teacher = F.adaptive_avg_pool2d(teacher, (height, width))
     return student, teacher
+
+
+def _check_same_shape(student: Tensor, teacher: Tensor, name: str, fix: str) -> None:
+    _check_batch(student, teacher, name)
+    if student.shape != teacher.shape:
+        raise ValueError(f"{name}: student and teacher tensors must have the same shape ({fix}), got "
+                         f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+
+
+def pool_to_common_size(student_feat: Tensor, teacher_feat: Tensor) -> tuple[Tensor, Tensor]:
+    """Both ``(B, C, H, W)`` maps at ``(min H, min W)``: the larger one adaptive-average-pooled, as RepDistiller's
+    VID, FSP and FT modules do (they compare heights and pool to a square, identical for square maps)."""
+    _check_maps(student_feat, teacher_feat, "pool_to_common_size")
+    return _pool_to_common_size(student_feat, teacher_feat)
 
 
 # --------------------------------------------------------------------------- #
@@ -262,3 +288,188 @@ def logsum_distance(
     with _autocast_off(student_feat.device):
         diff = (student_feat.float() - teacher_feat.float()).abs()
         return torch.log(diff.pow(alpha).sum() + eps)
+
+
+# --------------------------------------------------------------------------------------------------------- VID
+def vid_loss(predicted_mean: Tensor, teacher_feat: Tensor, variance: Tensor) -> Tensor:
+    r"""Variational information distillation: the negative log-likelihood of the teacher's feature under a
+    Gaussian whose mean the student predicts and whose per-channel variance is learnt.
+
+    Paper: S. Ahn, S. X. Hu, A. Damianou, N. D. Lawrence, Z. Dai, "Variational Information Distillation for
+    Knowledge Transfer", CVPR 2019.
+
+    Formula: ``L = mean_{b, c, ...} 0.5 · (log σ_c² + (t_{b,c,...} − μ_{b,c,...})² / σ_c²)`` (the constant
+    ``log 2π`` dropped), ``μ`` the regressed student feature, ``σ_c²`` the heteroscedastic variance of channel
+    ``c`` (in the method: ``softplus(α_c) + ε``, ``ε = 1e-5``).
+
+    Reduction (as RepDistiller ``distiller_zoo/VID.py``, from the authors' code): the mean over every element of
+    the feature map, batch included. Published weight: 1 (CRD benchmark, CIFAR-100, ``--distill vid -b 1``),
+    applied to the sum over the stage outputs between the stem and the global pooling.
+
+    Args:
+        predicted_mean: ``(B, C, ...)`` regressed student feature, of the teacher feature's shape.
+        teacher_feat: ``(B, C, ...)`` teacher feature.
+        variance: ``(C,)`` positive variances, one per channel (dimension 1).
+
+    Returns:
+        0-d float32 tensor.
+
+    Example:
+        >>> mean, target = torch.zeros(1, 2), torch.tensor([[1.0, 2.0]])
+        >>> round(vid_loss(mean, target, torch.tensor([1.0, 4.0])).item(), 4)  # (0.5 + 0.5 (log 4 + 1)) / 2
+        0.8466
+    """
+    _check_same_shape(predicted_mean, teacher_feat, "vid_loss", "regress the student to the teacher's shape")
+    if predicted_mean.dim() < 2 or variance.shape != (predicted_mean.shape[1],):
+        raise ValueError(f"vid_loss: variance must hold one value per channel (shape ({predicted_mean.shape[1]},) "
+                         f"for features of shape {tuple(predicted_mean.shape)}), got {tuple(variance.shape)}")
+    with _autocast_off(predicted_mean.device):
+        var = variance.float().view(1, -1, *([1] * (predicted_mean.dim() - 2)))
+        squared_error = (teacher_feat.float() - predicted_mean.float()).pow(2)
+        return (0.5 * (squared_error / var + var.log())).mean()
+
+
+# --------------------------------------------------------------------------------------------------------- FSP
+def fsp_matrix(bottom_feat: Tensor, top_feat: Tensor) -> Tensor:
+    r"""The FSP ("flow of solution procedure") matrix of two layers of one model.
+
+    Paper: J. Yim, D. Joo, J. Bae, J. Kim, "A Gift from Knowledge Distillation: Fast Optimization, Network
+    Minimization and Transfer Learning", CVPR 2017.
+
+    Formula: ``G[b, i, j] = mean_{h, w} F1[b, i, h, w] · F2[b, j, h, w]`` (the paper's sum over positions
+    divided by ``h · w``), ``F1`` the lower layer, ``F2`` the upper one.
+
+    As RepDistiller ``distiller_zoo/FSP.py``: when the two maps differ in size, the larger is adaptive-average-
+    pooled to the smaller first (the paper pairs layers of equal size).
+
+    Args:
+        bottom_feat: ``(B, C1, H1, W1)`` lower feature map.
+        top_feat: ``(B, C2, H2, W2)`` upper feature map of the same model.
+
+    Returns:
+        ``(B, C1, C2)`` float32 tensor.
+
+    Example:
+        >>> bottom = torch.tensor([[[[1.0, 3.0]]]])  # one channel, two positions
+        >>> top = torch.tensor([[[[2.0, 0.0]], [[1.0, 1.0]]]])
+        >>> fsp_matrix(bottom, top).tolist()  # [(1·2 + 3·0) / 2, (1·1 + 3·1) / 2]
+        [[[1.0, 2.0]]]
+    """
+    _check_maps(bottom_feat, top_feat, "fsp_matrix")
+    with _autocast_off(bottom_feat.device):
+        bottom, top = _pool_to_common_size(bottom_feat.float(), top_feat.float())
+        return torch.bmm(bottom.flatten(2), top.flatten(2).transpose(1, 2)) / bottom[0, 0].numel()
+
+
+def fsp_loss(student_fsp: Tensor, teacher_fsp: Tensor) -> Tensor:
+    r"""FSP loss: squared distance between a student's and the teacher's FSP matrices (:func:`fsp_matrix`).
+
+    Paper: J. Yim et al., "A Gift from Knowledge Distillation", CVPR 2017.
+
+    Formula: ``L = mean_{b, i, j} (G_s[b, i, j] − G_t[b, i, j])²``.
+
+    Reduction (as RepDistiller ``distiller_zoo/FSP.py``): the mean over the batch and both channel dimensions
+    (the paper's ``1/N Σ ||G_t − G_s||²`` up to the constant ``C1 · C2``). The matrices must have the same shape,
+    i.e. student and teacher layers of equal channel counts (the method connects the student's otherwise). As in
+    the reference and the paper, the loss is used in a pre-training phase only (weight 1 on the sum over the
+    consecutive stage pairs, stem included); the CRD benchmark's ``-b 50`` has no effect there.
+
+    Args:
+        student_fsp: ``(B, C1, C2)`` student FSP matrix.
+        teacher_fsp: ``(B, C1, C2)`` teacher FSP matrix.
+
+    Returns:
+        0-d float32 tensor.
+
+    Example:
+        >>> s = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
+        >>> fsp_loss(s, torch.zeros(1, 2, 2)).item()  # (1 + 4 + 9 + 16) / 4
+        7.5
+    """
+    _check_same_shape(student_fsp, teacher_fsp, "fsp_loss", "FSP matrices of layers with the same channel counts")
+    with _autocast_off(student_fsp.device):
+        return (student_fsp.float() - teacher_fsp.float()).pow(2).mean()
+
+
+# ---------------------------------------------------------------------------------------------------------- AB
+def ab_loss(student_preact: Tensor, teacher_preact: Tensor, margin: float = 1.0) -> Tensor:
+    r"""Activation-boundary loss: the hinge ("alternative") loss that makes each connected student neuron active
+    where the teacher's is, by a margin.
+
+    Paper: B. Heo, M. Lee, S. Yun, J. Y. Choi, "Knowledge Transfer via Distillation of Activation Boundaries
+    Formed by Hidden Neurons", AAAI 2019 (eq. 5).
+
+    Formula: ``L = 1/B Σ_{b, c, h, w} [ (s + μ)² · 1(s > −μ, t ≤ 0) + (s − μ)² · 1(s ≤ μ, t > 0) ]`` with ``s``
+    the connected student pre-activation, ``t`` the teacher's pre-activation and ``μ`` the margin.
+
+    Reduction (as RepDistiller ``distiller_zoo/AB.py`` ``criterion_alternative_l2``, from the authors' code): the
+    sum over all elements divided by the batch size. The reference then weights stage ``l`` of ``L`` by
+    ``2^(l − L + 1)`` and scales the sum by ``3/1000`` (the method's ``ab_weight``); margin 1.
+
+    Args:
+        student_preact: ``(B, ...)`` student pre-activation after the connector.
+        teacher_preact: teacher pre-activation of the same shape.
+        margin: ``μ``.
+
+    Returns:
+        0-d float32 tensor.
+
+    Example:
+        >>> s = torch.tensor([[0.5, -2.0, 0.5, 2.0]])
+        >>> t = torch.tensor([[-1.0, -1.0, 1.0, 1.0]])
+        >>> ab_loss(s, t).item()  # (0.5 + 1)² + 0 + (0.5 − 1)² + 0
+        2.5
+    """
+    _check_same_shape(student_preact, teacher_preact, "ab_loss", "connect the student to the teacher's shape")
+    with _autocast_off(student_preact.device):
+        s, t = student_preact.float(), teacher_preact.float()
+        teacher_active = t > 0
+        push_down = (s > -margin) & ~teacher_active
+        push_up = (s <= margin) & teacher_active
+        loss = (s + margin).pow(2) * push_down + (s - margin).pow(2) * push_up
+        return loss.sum() / s.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------------------- FT
+def _factor_map(factor: Tensor, exponent: float | None) -> Tensor:
+    if exponent is None:
+        return F.normalize(factor.flatten(1), dim=1)
+    return F.normalize(factor.abs().pow(exponent).mean(dim=1).flatten(1), dim=1)
+
+
+def ft_loss(student_factor: Tensor, teacher_factor: Tensor, p: float = 1.0, exponent: float | None = 2.0) -> Tensor:
+    r"""Factor-transfer loss between the student's translated factor and the teacher's paraphrased factor.
+
+    Paper: J. Kim, S. Park, N. Kwak, "Paraphrasing Complex Network: Network Compression via Factor Transfer",
+    NeurIPS 2018 (eq. 3).
+
+    Formula: ``L = mean_{b, j} |Q_s[b, j] − Q_t[b, j]|^p`` with ``Q = normalize(mean_c |F_c|^exponent)`` over the
+    flattened positions ``j`` (``exponent = 2``, RepDistiller's ``p1``), or, with ``exponent=None``,
+    ``Q = F / ||F||_2`` over all of ``C·H·W`` (the paper's ``F_T/||F_T||_2 − F_S/||F_S||_2``).
+
+    Reduction (as RepDistiller ``distiller_zoo/FT.py``, whose CIFAR-100 numbers the published weight 200 comes
+    from, ``--distill factor -b 200``): the mean over the batch and the positions (or the ``C·H·W`` entries), ``p =
+    1``. Maps of different size are matched by pooling the larger one first (:func:`pool_to_common_size`).
+
+    Args:
+        student_factor: ``(B, C, H_s, W_s)`` translated student factor.
+        teacher_factor: ``(B, C', H_t, W_t)`` paraphrased teacher factor (``C' = C`` when ``exponent=None``).
+        p: exponent of the absolute differences (1: the paper's L1).
+        exponent: power of the factor before the channel mean, or ``None`` for the whole normalised factor.
+
+    Returns:
+        0-d float32 tensor.
+
+    Example:
+        >>> s = torch.tensor([[[[1.0, 0.0]], [[1.0, 0.0]]]])  # Q_s = (1, 0)
+        >>> t = torch.ones(1, 2, 1, 2)  # Q_t = (1, 1) / sqrt(2)
+        >>> round(ft_loss(s, t).item(), 4)  # (|1 − 1/sqrt2| + 1/sqrt2) / 2
+        0.5
+    """
+    _check_maps(student_factor, teacher_factor, "ft_loss")
+    if exponent is None and student_factor.shape[1] != teacher_factor.shape[1]:
+        raise ValueError(f"ft_loss: with exponent=None the factors must have the same channels, got "
+                         f"{student_factor.shape[1]} and {teacher_factor.shape[1]}")
+    with _autocast_off(student_factor.device):
+        s, t = _pool_to_common_size(student_factor.float(), teacher_factor.float())
+        return (_factor_map(s, exponent) - _factor_map(t, exponent)).abs().pow(p).mean()

@@ -11,7 +11,7 @@ class AB(InitPhaseDistillation):
     Init phase (``init_epochs``): student and connectors are trained on ``ab_weight · Σ_l 2^(l−L+1) ·
     ab_loss(c_l(s_l), t_l)`` alone, ``s_l``/``t_l`` the pre-activations (before the final ReLU) of the ``L`` stages
     after the stem, ``c_l`` the connector (identity when channels and size agree, else 1×1 convolution and
-    BatchNorm), and :func:`~lightning_kd.losses.feature_extra.ab_loss` the margin hinge loss (sum over elements,
+    BatchNorm), and :func:`~lightning_kd.losses.feature.ab_loss` the margin hinge loss (sum over elements,
     batch mean). Then the connectors are frozen and ``loss = ce_weight · CE`` alone, as in the reference (its
     ``loss_kd = 0`` for AB; the CRD script's ``-b 1`` has no effect). Defaults: the CRD CIFAR-100 setting
     (RepDistiller ``--distill abound -r 1 -a 0 -b 1``, 30 init epochs at the student's rate 0.05, margin 1, stage

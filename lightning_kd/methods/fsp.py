@@ -9,10 +9,10 @@ class FSP(InitPhaseDistillation):
     Network Minimization and Transfer Learning", CVPR 2017).
 
     Init phase (``init_epochs``): the student is trained on ``fsp_weight · Σ_l mean (G_s^l − G_t^l)²`` alone, ``G^l``
-    the FSP matrix of stages ``l`` and ``l+1`` (:func:`~lightning_kd.losses.feature_extra.fsp_matrix`: mean over
+    the FSP matrix of stages ``l`` and ``l+1`` (:func:`~lightning_kd.losses.feature.fsp_matrix`: mean over
     positions of channel products, the larger map pooled to the smaller) over the consecutive pairs of all stage
     outputs, stem included (RepDistiller's ``feat[:-1]``), and
-    :func:`~lightning_kd.losses.feature_extra.fsp_loss` the batch and matrix mean. Then ``loss = ce_weight · CE``
+    :func:`~lightning_kd.losses.feature.fsp_loss` the batch and matrix mean. Then ``loss = ce_weight · CE``
     alone, as in the paper (stage 2: the main task) and the reference (its ``loss_kd = 0`` for FSP; the CRD script's
     ``-b 50`` has no effect). Defaults: the CRD CIFAR-100 setting (RepDistiller ``--distill fsp -r 1 -a 0 -b 50``,
     30 init epochs at the student's rate 0.05); the schedule and phase switch are those of

@@ -12,7 +12,7 @@ class FT(InitPhaseDistillation):
     trained alone to reconstruct the teacher's last-stage feature, ``mean (dec(enc(f_t)) − f_t)²``; the student is
     not run. Then the paraphraser is frozen and ``loss = ce_weight · CE + ft_weight · mean_{b,j} |Q(tr(f_s)) −
     Q(enc(f_t))|^p`` with ``tr`` the trainable translator on the student's last-stage feature and ``Q`` the
-    normalised factor map of :func:`~lightning_kd.losses.feature_extra.ft_loss` (batch and position mean). Defaults:
+    normalised factor map of :func:`~lightning_kd.losses.feature.ft_loss` (batch and position mean). Defaults:
     the CRD CIFAR-100 setting (RepDistiller ``train_student.py --distill factor -r 1 -a 0 -b 200``: 30 init epochs at
     lr 0.01 for the CIFAR ResNet/WRN students, ``k = 0.5``, ``p1 = 2``, ``p2 = 1``, paraphraser without and
     translator with BatchNorm); the schedule and phase switch are those of

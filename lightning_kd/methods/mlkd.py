@@ -12,7 +12,7 @@ class MLKD(DistillationModule):
     alignment of the teacher's and student's sample-by-sample (B × B) and class-by-class (C × C) prediction
     correlations, summed over the temperatures 2–6, with the official confidence masks, which scale the instance and
     batch terms by the kept fraction of samples ``f_B`` and the class term by the kept fraction of classes ``f_C``
-    (about 1/2 each; see :func:`lightning_kd.losses.logit_extra.mlkd_loss` for the reductions). This is also the
+    (about 1/2 each; see :func:`lightning_kd.losses.logit_refined.mlkd_loss` for the reductions). This is also the
     single-view variant that the RLD authors use as their MLKD baseline without augmentation (``MLKD_NOAUG`` in
     ``zju-SWJ/RLD``).
 

@@ -10,7 +10,7 @@ class RLD(DistillationModule):
     ``loss = ce_weight · CE + ramp · (α · SCD + β · MCD)``: sample confidence distillation matches the student's
     binary (label vs rest) distribution to the teacher's top-1 confidence, and masked correlation distillation
     matches the distributions over the classes the teacher ranks below the label, so a wrong teacher prediction
-    is never taught (see :func:`lightning_kd.losses.logit_extra.rld_loss`). Each KL is summed over classes,
+    is never taught (see :func:`lightning_kd.losses.logit_refined.rld_loss`). Each KL is summed over classes,
     averaged over the batch and × T². ``ramp = min(epoch / warmup_epochs, 1)`` with epochs counted from 1, as in
     the official code. Defaults α=1, β=8, T=4 for both terms, CE 1, 20 warm-up epochs are the official CIFAR-100
     setting (``zju-SWJ/RLD``: its configuration defaults and the README's ``--same-t`` command).

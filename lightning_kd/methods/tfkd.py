@@ -44,7 +44,7 @@ class TfKDVirtual(DistillationModule):
 
     The teacher puts probability ``a`` on the label and ``(1 - a) / (K - 1)`` on every other class; the objective
     is ``(1 - α) · CE + α · m · KL(softmax(p_d / T) ‖ softmax(s))``, with the teacher softened and the student taken
-    at temperature 1 as in the official code (see :func:`lightning_kd.losses.logit_extra.virtual_teacher_loss`).
+    at temperature 1 as in the official code (see :func:`lightning_kd.losses.logit_refined.virtual_teacher_loss`).
 
     Reduction as in the official code: the KL is averaged over all B × C entries, i.e. the batch-mean KL divided
     by ``num_classes``. Defaults a=0.99 (the official code; the paper asks for ``a ≥ 0.9``), α=0.1, T=20, m=100

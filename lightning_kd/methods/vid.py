@@ -11,7 +11,7 @@ class VID(DistillationModule):
     For each stage pair a trainable regressor predicts the teacher's feature from the student's as a Gaussian:
     mean ``μ_l(s_l)`` (three 1×1 convolutions), per-channel variance ``σ_c² = softplus(α_c) + 1e-5``;
     ``loss = ce_weight · CE + vid_weight · Σ_l mean 0.5 · (log σ² + (t_l − μ_l(s_l))² / σ²)``, the mean over every
-    element of the teacher feature (:func:`~lightning_kd.losses.feature_extra.vid_loss`), over the stage outputs
+    element of the teacher feature (:func:`~lightning_kd.losses.feature.vid_loss`), over the stage outputs
     between the stem and the global pooling paired in order (RepDistiller's ``feat[1:-1]``); a larger map is
     pooled to the smaller size first. Defaults: the CRD CIFAR-100 setting (RepDistiller ``--distill vid -r 1 -a 0
     -b 1``; regressor width = teacher channels, initial variance 5).

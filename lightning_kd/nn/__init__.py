@@ -1,4 +1,5 @@
-"""Small trainable parts shared by methods (projectors from student to teacher features, memory banks)."""
+"""Small trainable parts shared by methods (projectors from student to teacher features, memory banks, CTKD's
+learnable temperature)."""
 
 from lightning_kd.nn.adapters import (
     Paraphraser,
@@ -21,8 +22,9 @@ from lightning_kd.nn.projectors import (
     ProjectorEnsemble,
     build_projector,
 )
+from lightning_kd.nn.temperature import cosine_lambda, ctkd_temperature, gradient_reversal
 
 __all__ = ["PROJECTORS", "MLP", "ChannelBatchNorm", "ConvBN", "ConvReg", "Linear", "ProjectorEnsemble",
            "build_projector", "MemoryBank", "gather_across_processes", "sample_negatives", "ABF", "ReviewFusion", "as_map",
            "Paraphraser", "Translator", "VIDRegressor", "boundary_connector", "channel_connector", "factor_channels",
-           "ImageGenerator"]
+           "ImageGenerator", "gradient_reversal", "ctkd_temperature", "cosine_lambda"]

@@ -100,7 +100,7 @@ class NSTTerm(DistillationTerm):
 class VIDTerm(DistillationTerm):
     """Variational information distillation (Ahn et al., CVPR 2019): ``{"vid": Σ_l mean 0.5 · (log σ² + (t_l −
     μ_l(s_l))² / σ²)}``, the mean over every element of the teacher feature
-    (:func:`~lightning_kd.losses.feature_extra.vid_loss`), ``μ_l`` three trainable 1×1 convolutions and
+    (:func:`~lightning_kd.losses.feature.vid_loss`), ``μ_l`` three trainable 1×1 convolutions and
     ``σ_c² = softplus(α_c) + 1e-5`` a trainable variance per teacher channel (one
     :class:`~lightning_kd.nn.adapters.VIDRegressor` per layer pair, in ``regressors``, width = teacher channels); a
     larger map is average-pooled to the smaller size first. Layer pairs: by default each model's stages after the

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_kd.losses import (cosine_lambda, ctkd_temperature, dist_loss, dkd_loss, kd_loss, mlkd_loss,
-                                 normkd_loss, rld_loss, virtual_teacher_loss)
+from lightning_kd.losses import dist_loss, dkd_loss, kd_loss, mlkd_loss, normkd_loss, rld_loss, virtual_teacher_loss
+from lightning_kd.nn.temperature import cosine_lambda, ctkd_temperature
 from lightning_kd.terms.base import DistillationTerm
 
 
@@ -112,9 +112,9 @@ class CTKDTerm(DistillationTerm):
     """Curriculum temperature KD (Li et al., "Curriculum Temperature for Knowledge Distillation", AAAI 2023),
     global temperature: ``{"kd": T² · KL(softmax(t/T) ‖ softmax(s/T))}`` (batch mean, :func:`~lightning_kd.losses.
     kd_loss`) with ``T = T_min + (T_max − T_min) · sigmoid(θ)`` learnt through a gradient-reversal layer, so that θ
-    ascends the loss the student descends (:func:`~lightning_kd.losses.ctkd_temperature`). The reversal strength λ
+    ascends the loss the student descends (:func:`~lightning_kd.nn.ctkd_temperature`). The reversal strength λ
     follows a cosine curriculum from ``min_lambda`` to ``max_lambda`` over ``lambda_epochs``
-    (:func:`~lightning_kd.losses.cosine_lambda`, epochs counted from 1); θ (``temperature``, a trainable scalar
+    (:func:`~lightning_kd.nn.cosine_lambda`, epochs counted from 1); θ (``temperature``, a trainable scalar
     optimized with the student) starts at 1, as in the official code. While training, the current temperature is
     logged as ``train/temperature``.
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_kd.features import preactivation_layers, stage_names, stage_pairs
-from lightning_kd.losses.feature_extra import ab_loss, fsp_loss, fsp_matrix, ft_loss
+from lightning_kd.losses.feature import ab_loss, fsp_loss, fsp_matrix, ft_loss
 from lightning_kd.nn.adapters import Paraphraser, Translator, boundary_connector, channel_connector, factor_channels
 from lightning_kd.terms.base import DistillationTerm
 
@@ -69,8 +69,8 @@ class StagedTerm(DistillationTerm):
 class FSPTerm(StagedTerm):
     """Flow of solution procedure (Yim et al., "A Gift from Knowledge Distillation", CVPR 2017): in the init phase
     ``{"fsp": Σ_l mean (G_s^l − G_t^l)²}``, ``G^l`` the FSP matrix of layers ``l`` and ``l+1``
-    (:func:`~lightning_kd.losses.feature_extra.fsp_matrix`) over consecutive pairs of the hooked layers, the mean over
-    batch and matrix entries (:func:`~lightning_kd.losses.feature_extra.fsp_loss`); no loss afterwards (the paper's
+    (:func:`~lightning_kd.losses.feature.fsp_matrix`) over consecutive pairs of the hooked layers, the mean over
+    batch and matrix entries (:func:`~lightning_kd.losses.feature.fsp_loss`); no loss afterwards (the paper's
     second stage is the main task alone). ``weight`` weighs the init loss.
 
     Where a student layer's channels differ from the teacher's, a trainable ``connectors`` entry (1×1 convolution and
@@ -127,7 +127,7 @@ class ABTerm(StagedTerm):
     Hidden Neurons", AAAI 2019): in the init phase ``{"ab": Σ_l 2^(l−L+1) · ab_loss(c_l(s_l), t_l)}`` over the ``L``
     paired pre-activations (before the final ReLU of each stage after the stem), ``c_l`` a trainable connector
     (identity when channels and size agree, else 1×1 convolution and BatchNorm) and
-    :func:`~lightning_kd.losses.feature_extra.ab_loss` the margin hinge loss (sum over elements, batch mean); no loss
+    :func:`~lightning_kd.losses.feature.ab_loss` the margin hinge loss (sum over elements, batch mean); no loss
     afterwards, as in the reference (RepDistiller's ``loss_kd = 0`` for AB). The connectors are trained with the
     student in the init phase, then fixed. ``weight`` weighs the init loss (the reference's ``3/1000``).
 
@@ -179,7 +179,7 @@ class FTTerm(StagedTerm):
     """Factor transfer (Kim et al., "Paraphrasing Complex Network: Network Compression via Factor Transfer",
     NeurIPS 2018): ``{"ft": mean_{b,j} |Q(tr(f_s)) − Q(enc(f_t))|^p}``, ``tr`` the trainable ``translator`` of the
     student's feature, ``enc`` the ``paraphraser``'s encoder of the teacher's (no gradient) and ``Q`` the normalised
-    factor map of :func:`~lightning_kd.losses.feature_extra.ft_loss` (batch and position mean).
+    factor map of :func:`~lightning_kd.losses.feature.ft_loss` (batch and position mean).
 
     Init phase: the paraphraser (a convolutional autoencoder whose factor has ``rate · C_t`` channels) alone learns to
     reconstruct the teacher's feature, ``{"reconstruction": mean (dec(enc(f_t)) − f_t)²}``, unweighted (``weight``

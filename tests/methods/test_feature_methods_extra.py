@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import assert_parts_checkpointed, hooked_features, make_trainer, random_loader, snapshot
 from lightning_kd.data import DigitsDataModule
-from lightning_kd.losses.feature_extra import ab_loss, fsp_loss, fsp_matrix, ft_loss, vid_loss
+from lightning_kd.losses.feature import ab_loss, fsp_loss, fsp_matrix, ft_loss, vid_loss
 from lightning_kd.methods.ab import AB
 from lightning_kd.methods.base import Batch
 from lightning_kd.methods.fsp import FSP

@@ -11,7 +11,7 @@ from PIL import Image
 from conftest import RandomCIFAR10, RandomSplit, make_trainer
 from lightning_kd.data.base import TransformedSubset
 from lightning_kd.data.views import OPERATIONS, FixMatchRandAugment, StrongViewDataModule, StrongViewDataset, cutout
-from lightning_kd.losses.logit_extra import mlkd_loss
+from lightning_kd.losses.logit_refined import mlkd_loss
 from lightning_kd.methods.base import Batch, ModelOutput
 from lightning_kd.methods.mlkd import MLKD
 

@@ -5,7 +5,7 @@ import torch
 
 from conftest import make_trainer
 from lightning_kd.losses import kd_loss, standardize_logits
-from lightning_kd.losses.logit_extra import mlkd_loss, rld_loss, virtual_teacher_loss, virtual_teacher_probs
+from lightning_kd.losses.logit_refined import mlkd_loss, rld_loss, virtual_teacher_loss, virtual_teacher_probs
 from lightning_kd.methods.base import Batch, ModelOutput
 from lightning_kd.methods.mlkd import MLKD
 from lightning_kd.methods.rld import RLD

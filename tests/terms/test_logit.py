@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_trainer
-from lightning_kd.losses import (ctkd_temperature, dist_loss, dkd_loss, kd_loss, mlkd_loss, normkd_loss, rld_loss,
-                                 standardize_logits, virtual_teacher_loss)
+from lightning_kd.losses import (dist_loss, dkd_loss, kd_loss, mlkd_loss, normkd_loss, rld_loss, standardize_logits,
+                                 virtual_teacher_loss)
 from lightning_kd.methods import (CTKD, DIST, MLKD, RLD, Batch, DistillationModule, ModelOutput, NormKD, TfKDSelf,
                                   TfKDVirtual)
+from lightning_kd.nn import ctkd_temperature
 from lightning_kd.terms import (CTKDTerm, DISTTerm, DKDTerm, KDTerm, MLKDTerm, NormKDTerm, RLDTerm, TfKDVirtualTerm,
                                 term_from_spec)
 

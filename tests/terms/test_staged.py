@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_kd.features import feature_shapes
-from lightning_kd.losses.feature_extra import ab_loss, fsp_loss, fsp_matrix, ft_loss
+from lightning_kd.losses.feature import ab_loss, fsp_loss, fsp_matrix, ft_loss
 from lightning_kd.methods import DistillationModule
 from lightning_kd.methods.base import Batch, ModelOutput
 from lightning_kd.methods.fsp import FSP

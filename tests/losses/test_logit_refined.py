@@ -1,4 +1,4 @@
-"""Tests for lightning_kd.losses.logit_extra.
+"""Tests for lightning_kd.losses.logit_refined.
 
 Each loss is checked against a deliberately naive float64 re-computation of the
 paper's formula with the official code's reductions (python loops over samples
@@ -15,7 +15,7 @@ import torch
 
 from conftest import assert_matches_naive, value_and_grad as _value_and_grad
 from lightning_kd.losses import dkd_loss, kd_loss
-from lightning_kd.losses.logit_extra import mlkd_loss, rld_loss, virtual_teacher_loss, virtual_teacher_probs
+from lightning_kd.losses.logit_refined import mlkd_loss, rld_loss, virtual_teacher_loss, virtual_teacher_probs
 
 SHAPES = [(2, 3), (5, 7), (8, 10), (6, 20)]
 LN = math.log

@@ -1,4 +1,5 @@
-"""More logit-based distillation losses (functional API).
+"""Logit losses that refine what the student matches (functional API): RLD's label-refined teacher, Tf-KD's
+virtual teacher, MLKD's multi-level alignment.
 
 Same conventions as :mod:`lightning_kd.losses.logit`: every function takes raw
 logits, upcasts them with ``.float()`` and evaluates with autocast disabled, so
