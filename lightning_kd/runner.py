@@ -104,7 +104,7 @@ class ResumeCheckpoints(Callback):
     def _save(self, trainer, name: str) -> None:
         target = self.directory / name
         partial = target.with_name(name + ".partial")
-        trainer.save_checkpoint(partial)
+        trainer.save_checkpoint(partial, weights_only=False)  # the whole training state (weights_only: what to save)
         if trainer.is_global_zero:
             os.replace(partial, target)
 
