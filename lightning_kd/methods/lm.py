@@ -207,6 +207,8 @@ class LanguageModelKD(DistillationModule):
             generation_seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         self.generation_seed = generation_seed
         self._generated_batches = {"student": 0, "teacher": 0, "all": 0}
+        #: valid tokens (over all ranks, / world size) of the micro-batches accumulated since the last optimizer step
+        self._step_tokens: Tensor | None = None
         if terms is None:
             if self.teacher is not None and kd_weight != 0:
                 self.add_term("kd", TokenKLTerm(divergence, temperature, temperature_squared=temperature_squared,
@@ -414,7 +416,33 @@ class LanguageModelKD(DistillationModule):
         student_out, teacher_out = self._forward_pair(batch, batch_idx)
         ce = self.token_cross_entropy(batch, student_out)
         losses = {"ce": self.hparams.ce_weight * ce, **self.distillation_losses(batch, student_out, teacher_out)}
-        return self.total_loss(losses, batch_idx)
+        loss = self.total_loss(losses, batch_idx)
+        return self._weigh_by_tokens(loss, batch)
+
+    def _weigh_by_tokens(self, loss: Tensor, batch: TokenBatch) -> Tensor:
+        """Under gradient accumulation over ``k`` micro-batches: the micro-batch's loss (a mean over its ``C_m``
+        valid tokens of all ranks) becomes its token sum ``loss · C_m / W`` (× ``k``, which Lightning divides out), and
+        :meth:`on_before_optimizer_step` divides the accumulated gradients by ``Σ_m C_m / W``: the step's gradient is
+        that of the mean over every valid token of the step, however the tokens fall on the micro-batches. Without
+        accumulation the loss is already that mean."""
+        accumulate = getattr(self._trainer, "accumulate_grad_batches", 1) if self._trainer is not None else 1
+        if accumulate <= 1:
+            return loss
+        valid = valid_token_mask(tuple(batch.target.shape), batch.target, batch.attention_mask, shift=True,
+                                 device=loss.device)
+        count, world = token_normalizer(valid)
+        self._step_tokens = self._step_tokens + count.detach() / world if self._step_tokens is not None \
+            else count.detach() / world
+        return loss * (count.detach() / world) * accumulate
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        if getattr(self, "_step_tokens", None) is not None:
+            scale = 1.0 / self._step_tokens.clamp(min=1.0)
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    if param.grad is not None:
+                        param.grad.mul_(scale.to(param.grad.device, param.grad.dtype))
+            self._step_tokens = None
 
     def token_cross_entropy(self, batch: TokenBatch, student_out: ModelOutput) -> Tensor:
         """Next-token cross-entropy in float32, summed over the valid tokens and divided by their number over all

@@ -248,3 +248,29 @@ def test_two_process_ddp_normalises_by_the_global_token_count(tmp_path):
         assert torch.equal(ranks[0][key], ranks[1][key]), key
         assert torch.allclose(ranks[0][key], value, rtol=1e-4, atol=1e-6), key
     assert any(not torch.allclose(value, initial[key]) for key, value in single.items())
+
+
+def test_gradient_accumulation_normalises_by_the_token_count_of_the_whole_step():
+    """Two micro-batches holding 30 and 6 valid tokens, accumulated into one step, move the student exactly as one
+    step on both at once: the step's loss is the mean over all 36 tokens, not the mean of the two token means."""
+    from pydoc_data.topics import topics
+
+    data = torch.tensor(list("".join(topics.values()).encode()[:64]), dtype=torch.long).view(4, 16)
+    labels = data.clone()
+    labels[2:, :13] = -100  # the second micro-batch keeps 3 predicted tokens per row
+    items = [{"input_ids": data[i], "attention_mask": torch.ones(16, dtype=torch.long), "labels": labels[i]}
+             for i in range(4)]
+
+    def one_step(batch_size, accumulate):
+        model = LanguageModelKD(tiny_lm(seed=1), tiny_lm(hidden=48, seed=2), kd_weight=0.5, temperature=2.0,
+                                optimizer=lambda params: torch.optim.SGD(params, lr=1.0))
+        trainer = make_trainer(max_steps=1, limit_val_batches=0, accumulate_grad_batches=accumulate)
+        trainer.fit(model, train_dataloaders=DataLoader(items, batch_size=batch_size))
+        return model.student.state_dict()
+
+    accumulated, whole = one_step(2, 2), one_step(4, 1)
+    fresh = tiny_lm(seed=1).state_dict()
+    moved = [k for k in whole if not torch.equal(whole[k], fresh[k])]
+    assert moved
+    for key in moved:
+        torch.testing.assert_close(accumulated[key], whole[key], rtol=1e-4, atol=1e-6)
