@@ -9,9 +9,10 @@ prediction at position ``t`` is compared on token ``t + 1`` (causal shift).
 Normalisation of the token terms: the sum over the valid predicted tokens of all ranks divided by their number (one
 all-reduce of the count per term and step under ``torch.distributed``), times the world size, since DDP averages the
 ranks' gradients: the gradient is that of the mean over every valid token of the global batch, however the tokens fall
-on the ranks. Under gradient accumulation the count is that of each micro-batch (Lightning averages the
-micro-batches' losses), so the step's gradient is the mean of the micro-batches' token means; it equals the token mean
-of the whole step only when the micro-batches hold equally many valid tokens (e.g. packed sequences without padding).
+on the ranks. Under gradient accumulation :class:`~lightning_kd.methods.LanguageModelKD` turns each micro-batch's
+mean back into its token sum and divides the accumulated gradients by the token count of the whole step before the
+optimizer steps, so the step's gradient is that of the mean over all its valid tokens, however they fall on the
+micro-batches (the other losses of the step are then weighted by their micro-batch's token count).
 The feature terms (:class:`HiddenStateTerm`, :class:`AttentionRelationTerm`) average over each rank's own tokens.
 """
 
