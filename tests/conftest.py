@@ -1,10 +1,14 @@
+from __future__ import annotations
+
 import lightning as L
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_kd.data import CIFAR10DataModule, DigitsDataModule
+from lightning_kd.data.views import StrongViewDataModule
 from lightning_kd.models import create_model
 
 
@@ -123,3 +127,21 @@ class RandomCIFAR10(CIFAR10DataModule):
 
     def load_split(self, train: bool) -> RandomSplit:
         return RandomSplit(self.num_train if train else self.num_test, seed=int(train))
+
+
+class PILSplit(RandomSplit):
+    """A random CIFAR split whose items are ``(PIL image, target)``, as torchvision's CIFAR gives them."""
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return Image.fromarray(self.data[index]), self.targets[index]
+
+
+class PILCIFAR10(RandomCIFAR10):
+    """The CIFAR-10 data module on random images held in memory, with the per-sample PIL pipeline."""
+
+    def load_split(self, train: bool) -> PILSplit:
+        return PILSplit(self.num_train if train else self.num_test, seed=int(train))
+
+
+def strong_data(**kwargs) -> StrongViewDataModule:
+    return StrongViewDataModule(PILCIFAR10(batch_size=8, num_workers=0, **kwargs))

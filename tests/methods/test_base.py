@@ -1,19 +1,23 @@
 """The teacher–student base: freezing, checkpoints, weights loading, logging, errors, resume, precision."""
 
+from __future__ import annotations
+
 import copy
 import csv
 
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import make_trainer, snapshot
+from helpers import StepRecorder
 from lightning_kd.cli import export_student
 from lightning_kd.data import DigitsDataModule
-from lightning_kd.methods import KD, DistillationModule, Supervised, get_method
+from lightning_kd.methods import DKD, KD, Batch, DistillationModule, ProjectorKD, Supervised, get_method, list_methods
 from lightning_kd.methods.base import extract_state_dict, load_weights
 from lightning_kd.models import create_model
 
@@ -399,3 +403,74 @@ def test_per_pixel_training_step_leaves_out_ignored_pixels():
                 terms.append(0.3 * ce + 0.7 * kd)
     assert len(terms) == 14
     assert loss.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
+
+
+class CachedTeacher(Callback):
+    def on_fit_start(self, trainer, pl_module):
+        pl_module.replay_teacher = lambda batch: torch.zeros(len(batch.target), 10)
+
+
+def test_teacher_features_carry_no_grad():
+    model = ProjectorKD(student="resnet8x4", teacher="resnet32x4", num_classes=100, input_shape=(3, 32, 32))
+    batch = Batch(torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))
+    assert all(f.requires_grad for f in model.forward_student(batch).features.values())
+    assert not any(f.requires_grad for f in model.forward_teacher(batch).features.values())
+    model.teacher.requires_grad_(True)  # even a teacher left trainable is hooked without autograd
+    assert not any(f.requires_grad for f in model.forward_teacher(batch).features.values())
+
+
+def test_logit_methods_hook_nothing(monkeypatch):
+    model = KD(student="cnn_tiny", teacher="cnn_small", num_classes=10, in_chans=1)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a hook was registered")
+
+    monkeypatch.setattr(nn.Module, "register_forward_hook", forbidden)
+    monkeypatch.setattr(nn.Module, "register_forward_pre_hook", forbidden)
+    batch = Batch(torch.randn(2, 1, 8, 8), torch.zeros(2, dtype=torch.long))
+    assert model.forward_student(batch).features == {} and model.forward_teacher(batch).features == {}
+
+
+def test_evaluation_and_unmixed_training_see_the_data_as_it_is(digits):
+    torch.manual_seed(0)
+    for mix in ("cutmix", None):
+        model = KD(student="cnn_tiny", teacher="cnn_small", num_classes=10, in_chans=1, mix=mix)
+        recorder = StepRecorder()
+        make_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1, callbacks=[recorder]).fit(model, digits)
+        train, val = (next(s for s in recorder.steps if s["stage"] == stage) for stage in ("train", "val"))
+        assert val["student_mixing"] is None and torch.equal(val["student_in"], val["input"])
+        assert torch.equal(val["teacher_in"], val["input"])
+        assert torch.equal(train["student_in"], train["input"]) == (mix is None)
+
+
+def test_mixed_cross_entropy_is_the_lambda_weighted_one():
+    from lightning_kd.data.mixing import Mixing
+
+    model = KD(student="cnn_tiny", teacher="cnn_small", num_classes=4, in_chans=1, mix="mixup")
+    logits = torch.tensor([[2.0, 0.0, -1.0, 0.5], [0.0, 1.0, 0.0, 3.0]])
+    target = torch.tensor([0, 3])
+    assert model.cross_entropy(logits, target).item() == pytest.approx(F.cross_entropy(logits, target).item())
+    model.mixing = Mixing(0.75, torch.tensor([1, 0]))
+    # sample 0: 0.75 · CE(label 0) + 0.25 · CE(label 3); sample 1: 0.75 · CE(label 3) + 0.25 · CE(label 0)
+    log_p = logits.log_softmax(-1)
+    expected = -(0.75 * log_p[0, 0] + 0.25 * log_p[0, 3] + 0.75 * log_p[1, 3] + 0.25 * log_p[1, 0]) / 2
+    assert model.cross_entropy(logits, target).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_mix_is_recorded_and_restored_from_checkpoints(tmp_path, digits):
+    model = DKD(student="cnn_tiny", teacher="cnn_small", num_classes=10, in_chans=1, mix="mixup", mix_alpha=0.4)
+    trainer = make_trainer(max_steps=1, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(model, digits)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    restored = DKD.load_from_checkpoint(tmp_path / "last.ckpt")
+    assert (restored.hparams.mix, restored.hparams.mix_alpha) == ("mixup", 0.4)
+
+
+def test_bad_mix_options_are_clear_errors(digits):
+    with pytest.raises(ValueError, match="unknown mix='mixupp'"):
+        KD(student="cnn_tiny", teacher="cnn_small", num_classes=10, in_chans=1, mix="mixupp")
+    with pytest.raises(ValueError, match="mix_alpha=0.0 must be positive"):
+        KD(student="cnn_tiny", teacher="cnn_small", num_classes=10, in_chans=1, mix="mixup", mix_alpha=0.0)
+    model = KD(student="cnn_tiny", teacher="cnn_small", num_classes=10, in_chans=1, mix="mixup")
+    with pytest.raises(ValueError, match="replayed from a cache"):
+        make_trainer(max_steps=1, limit_val_batches=0, callbacks=[CachedTeacher()]).fit(model, digits)

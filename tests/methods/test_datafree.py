@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -15,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from conftest import make_trainer, snapshot
+from helpers import ROOT
 from lightning_kd.cli import main
 from lightning_kd.data import DigitsDataModule
 from lightning_kd.data.synthetic import DataFreeDataModule
@@ -22,12 +22,11 @@ from lightning_kd.methods.datafree import DataFreeKD
 from lightning_kd.methods.supervised import Supervised
 from lightning_kd.nn.generator import ImageGenerator
 
-ROOT = Path(__file__).resolve().parents[2]
+
 SMALL_GENERATOR = {"latent_dim": 32, "generator_width": 8}
 
 
-
-def changed(before: dict[str, torch.Tensor], module: nn.Module) -> bool:
+def parameters_changed(before: dict[str, torch.Tensor], module: nn.Module) -> bool:
     return any(not torch.equal(v, module.state_dict()[k]) for k, v in before.items())
 
 
@@ -68,7 +67,54 @@ class DigitsWithoutTraining(DigitsDataModule):
         return super().val_dataloader()
 
 
-# ------------------------------------------------------------------------------------------- out of the box
+def parameters_of(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+def naive_bn_prior(inputs: list[torch.Tensor], layers: list[nn.BatchNorm2d]) -> torch.Tensor:
+    total = torch.zeros((), dtype=torch.float64)
+    for x, layer in zip(inputs, layers):
+        x = x.double()
+        for stat, running in (("mean", layer.running_mean), ("var", layer.running_var)):
+            squares = torch.zeros((), dtype=torch.float64)
+            for c in range(x.shape[1]):
+                values = x[:, c].reshape(-1)
+                mean = values.sum() / len(values)
+                value = mean if stat == "mean" else ((values - mean) ** 2).sum() / len(values)
+                squares = squares + (value - running[c].double()) ** 2
+            total = total + squares.sqrt()
+    return total
+
+
+def naive_kl(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+    total = torch.zeros((), dtype=torch.float64)
+    for i in range(s.shape[0]):
+        p_t = torch.softmax(t[i].double() / temperature, 0)
+        p_s = torch.softmax(s[i].double() / temperature, 0)
+        total = total + sum(p_t[c] * torch.log(p_t[c] / p_s[c]) for c in range(s.shape[1])) * temperature ** 2
+    return total / s.shape[0]
+
+
+def train_digits_teacher() -> nn.Module:
+    L.seed_everything(0, verbose=False)
+    teacher = Supervised(student="cnn_small", num_classes=10, in_chans=1,
+                         optimizer=lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4))
+    make_trainer(max_epochs=10, limit_val_batches=0).fit(teacher, DigitsDataModule(batch_size=64))
+    return teacher.student
+
+
+def distil_on_digits(teacher: nn.Module, generator: str, seed: int = 0) -> tuple[float, float]:
+    """Validation accuracy of the student and of the teacher after 5 epochs of 20 steps of 64 inputs."""
+    L.seed_everything(seed, verbose=False)
+    model = DataFreeKD(student="cnn_tiny", teacher=teacher, num_classes=10, in_chans=1, generator=generator,
+                       latent_dim=64, generator_width=16)
+    trainer = make_trainer(max_epochs=5)
+    data = DataFreeDataModule(DigitsDataModule(batch_size=256), batch_size=64, steps_per_epoch=20)
+    trainer.fit(model, data)
+    metrics = trainer.validate(model, data, verbose=False)[0]
+    return metrics["val/acc"], metrics["val/teacher_acc"]
+
+
 @pytest.mark.parametrize("pair", ["digits", "resnet", "timm"])
 def test_trains_out_of_the_box(pair):
     torch.manual_seed(0)
@@ -89,7 +135,7 @@ def test_trains_out_of_the_box(pair):
     assert trainer.global_step == model.hparams.student_steps + 1, "one training step: 5 student + 1 generator steps"
     for name in ("", "_l1", "_generator", "_generator_adversarial", "_generator_bn"):
         assert torch.isfinite(trainer.callback_metrics[f"train/loss{name}"]), f"train/loss{name} missing or not finite"
-    assert changed(student, model.student)
+    assert parameters_changed(student, model.student)
 
 
 def test_generated_images_have_the_datas_shape_and_normalised_statistics():
@@ -105,7 +151,6 @@ def test_generated_images_have_the_datas_shape_and_normalised_statistics():
         ImageGenerator((20,))
 
 
-# ---------------------------------------------------------------------------------------------- optimizers
 def test_generator_and_student_have_separate_optimizers_and_schedules():
     torch.manual_seed(0)
     model = DataFreeKD(student="cnn_tiny", teacher="cnn_small", num_classes=10, in_chans=1, **SMALL_GENERATOR,
@@ -126,10 +171,6 @@ def test_generator_and_student_have_separate_optimizers_and_schedules():
     # the epoch-wise schedule is stepped by hand for both optimizers (manual optimization): two halvings
     assert student_opt.param_groups[0]["lr"] == pytest.approx(0.05 / 4)
     assert generator_opt.param_groups[0]["lr"] == pytest.approx(1e-3 / 4)
-
-
-def parameters_of(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.named_parameters()}
 
 
 def test_each_step_updates_only_its_own_part():
@@ -156,10 +197,9 @@ def test_each_step_updates_only_its_own_part():
     trainer = make_trainer(max_steps=2, limit_val_batches=0)
     trainer.fit(model, DataFreeDataModule(DigitsDataModule(batch_size=64), batch_size=8, steps_per_epoch=2))
     assert moved == [("student", {"student"})] * 5 + [("generator", {"generator"})]
-    assert not changed(teacher, model.teacher)
+    assert not parameters_changed(teacher, model.teacher)
 
 
-# ------------------------------------------------------------------------------------------- training data
 def test_the_training_set_is_never_read():
     torch.manual_seed(0)
     DigitsWithoutTraining.val_reads = 0
@@ -181,7 +221,6 @@ def test_real_training_data_is_refused_before_it_is_used():
         make_trainer(max_steps=2, limit_val_batches=0).fit(model, loader)
 
 
-# ------------------------------------------------------------------------------------------------ teacher
 def test_teacher_is_bit_identical_and_in_eval_mode_after_fit(teacher_in_train_mode):
     before = snapshot(teacher_in_train_mode)
     model = DataFreeKD(student="cnn_tiny", teacher=teacher_in_train_mode, num_classes=10, in_chans=1,
@@ -192,31 +231,6 @@ def test_teacher_is_bit_identical_and_in_eval_mode_after_fit(teacher_in_train_mo
     assert set(before) == set(after) and all(torch.equal(v, after[k]) for k, v in before.items())
     assert not any(module.training for module in model.teacher.modules())
     assert all(not p.requires_grad and p.grad is None for p in model.teacher.parameters())
-
-
-# ------------------------------------------------------------------------------------------------- losses
-def naive_bn_prior(inputs: list[torch.Tensor], layers: list[nn.BatchNorm2d]) -> torch.Tensor:
-    total = torch.zeros((), dtype=torch.float64)
-    for x, layer in zip(inputs, layers):
-        x = x.double()
-        for stat, running in (("mean", layer.running_mean), ("var", layer.running_var)):
-            squares = torch.zeros((), dtype=torch.float64)
-            for c in range(x.shape[1]):
-                values = x[:, c].reshape(-1)
-                mean = values.sum() / len(values)
-                value = mean if stat == "mean" else ((values - mean) ** 2).sum() / len(values)
-                squares = squares + (value - running[c].double()) ** 2
-            total = total + squares.sqrt()
-    return total
-
-
-def naive_kl(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
-    total = torch.zeros((), dtype=torch.float64)
-    for i in range(s.shape[0]):
-        p_t = torch.softmax(t[i].double() / temperature, 0)
-        p_s = torch.softmax(s[i].double() / temperature, 0)
-        total = total + sum(p_t[c] * torch.log(p_t[c] / p_s[c]) for c in range(s.shape[1])) * temperature ** 2
-    return total / s.shape[0]
 
 
 @pytest.mark.parametrize("discrepancy", ["l1", "kl"])
@@ -271,13 +285,12 @@ def test_noise_baseline_trains_the_same_student_on_gaussian_noise():
     assert model.generator is None and len(trainer.optimizers) == 1
     assert trainer.global_step == model.hparams.student_steps, "one training step of 5 student updates"
     assert "train/loss_generator" not in trainer.callback_metrics
-    assert changed(student, model.student)
+    assert parameters_changed(student, model.student)
     noise = model.synthesize(4096)
     assert noise.shape == (4096, 1, 8, 8)
     assert abs(noise.mean().item()) < 0.01 and abs(noise.std().item() - 1) < 0.01
 
 
-# ------------------------------------------------------------------------------------------- checkpoints
 def test_generator_is_checkpointed_restored_and_not_exported(tmp_path):
     torch.manual_seed(0)
     model = DataFreeKD(student="cnn_tiny", teacher="cnn_small", num_classes=10, in_chans=1, **SMALL_GENERATOR)
@@ -297,7 +310,6 @@ def test_generator_is_checkpointed_restored_and_not_exported(tmp_path):
         assert torch.equal(restored.state_dict()[key], value), key
 
 
-# -------------------------------------------------------------------------------------------------- errors
 def test_bad_input_is_a_clear_error():
     common = {"student": "cnn_tiny", "teacher": "cnn_small", "num_classes": 10, "in_chans": 1}
     with pytest.raises(ValueError, match="without labels.*drop ce_weight=1.0"):
@@ -337,27 +349,6 @@ def test_digits_config_fits_from_the_command_line(tmp_path, monkeypatch):
     assert (real.hparams.batch_size, real.hparams.test_fraction) == (64, 0.25) and cli.datamodule.hparams.batch_size == 128
     assert cli.model.generator.image_shape == (1, 8, 8)
     assert cli.trainer.global_step == 2 * (cli.model.hparams.student_steps + 1)
-
-
-# ---------------------------------------------------------------------------------------------- headline
-def train_digits_teacher() -> nn.Module:
-    L.seed_everything(0, verbose=False)
-    teacher = Supervised(student="cnn_small", num_classes=10, in_chans=1,
-                         optimizer=lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4))
-    make_trainer(max_epochs=10, limit_val_batches=0).fit(teacher, DigitsDataModule(batch_size=64))
-    return teacher.student
-
-
-def distil_on_digits(teacher: nn.Module, generator: str, seed: int = 0) -> tuple[float, float]:
-    """Validation accuracy of the student and of the teacher after 5 epochs of 20 steps of 64 inputs."""
-    L.seed_everything(seed, verbose=False)
-    model = DataFreeKD(student="cnn_tiny", teacher=teacher, num_classes=10, in_chans=1, generator=generator,
-                       latent_dim=64, generator_width=16)
-    trainer = make_trainer(max_epochs=5)
-    data = DataFreeDataModule(DigitsDataModule(batch_size=256), batch_size=64, steps_per_epoch=20)
-    trainer.fit(model, data)
-    metrics = trainer.validate(model, data, verbose=False)[0]
-    return metrics["val/acc"], metrics["val/teacher_acc"]
 
 
 def test_data_free_beats_noise_on_digits():

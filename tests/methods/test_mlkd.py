@@ -1,4 +1,6 @@
-"""MLKD on a weak and a strong view: the official two-view loss, the strong-view data module, training with it."""
+"""Tests of lightning_kd.methods.mlkd (MLKD), its single-view and two-view (weak and strong augmentation) losses."""
+
+from __future__ import annotations
 
 import math
 
@@ -6,35 +8,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from conftest import RandomCIFAR10, RandomSplit, make_trainer
-from lightning_kd.data.base import TransformedSubset
-from lightning_kd.data.views import OPERATIONS, FixMatchRandAugment, StrongViewDataModule, StrongViewDataset, cutout
+from conftest import make_trainer, strong_data
+from helpers import logits_pair, method_losses
 from lightning_kd.losses.logit_refined import mlkd_loss
 from lightning_kd.methods.base import Batch, ModelOutput
 from lightning_kd.methods.mlkd import MLKD
 
 
-class PILSplit(RandomSplit):
-    """A random CIFAR split whose items are ``(PIL image, target)``, as torchvision's CIFAR gives them."""
-
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        return Image.fromarray(self.data[index]), self.targets[index]
-
-
-class PILCIFAR10(RandomCIFAR10):
-    """The CIFAR-10 data module on random images held in memory, with the per-sample PIL pipeline."""
-
-    def load_split(self, train: bool) -> PILSplit:
-        return PILSplit(self.num_train if train else self.num_test, seed=int(train))
-
-
-def strong_data(**kwargs) -> StrongViewDataModule:
-    return StrongViewDataModule(PILCIFAR10(batch_size=8, num_workers=0, **kwargs))
-
-
-# ------------------------------------------------------------------------------------------------- the loss
 def naive_official(s_w, t_w, s_s, t_s, y, ce_weight=0.1, kd_weight=0.9):
     """``KD_ours.forward_train`` of the official code written out, float64: the total loss, CE on both views."""
 
@@ -96,6 +77,15 @@ def two_view_losses(model, s_w, t_w, s_s, t_s, target, calls=None):
 
 def mlp_mlkd(**kwargs) -> MLKD:
     return MLKD(student="mlp", teacher="mlp", num_classes=10, in_chans=1, **kwargs)
+
+
+def test_mlkd_defaults_are_the_official_cifar_setting_and_loss_is_mlkd_loss():
+    model = MLKD(student="mlp", teacher="mlp", num_classes=10, in_chans=1)
+    hp = model.hparams
+    assert (tuple(hp.temperatures), hp.kd_weight, hp.ce_weight) == ((2.0, 3.0, 4.0, 5.0, 6.0), 0.9, 0.1)
+    student, teacher, target = logits_pair()
+    expected = 0.9 * mlkd_loss(student, teacher, (2.0, 3.0, 4.0, 5.0, 6.0))
+    assert torch.allclose(method_losses(model, student, teacher, target)["mlkd"], expected)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -163,60 +153,6 @@ def test_strong_view_refuses_mixing_and_replayed_teacher_outputs():
         two_view_losses(model, s_w, t_w, s_s, t_s, target)
 
 
-# ---------------------------------------------------------------------------------------------- the data
-def test_strong_view_batches_share_target_and_index_and_differ_from_the_weak_view():
-    data = strong_data()
-    data.setup("fit")
-    train = data.datasets["train"]
-    assert isinstance(train, StrongViewDataset) and isinstance(train.subset, TransformedSubset)
-    torch.manual_seed(0)
-    batch = next(iter(data.train_dataloader()))
-    assert set(batch) == {"input", "target", "index", "views"} and set(batch["views"]) == {"strong"}
-    weak, strong = batch["input"], batch["views"]["strong"]
-    assert weak.shape == strong.shape == (8, 3, 32, 32) and strong.dtype == torch.float32
-    assert all(not torch.allclose(w, s) for w, s in zip(weak, strong))
-    raw = train.subset.dataset
-    for i, target in zip(batch["index"].tolist(), batch["target"].tolist()):
-        assert raw.targets[train.subset.indices[i]] == target
-    data.setup("fit")  # a second setup keeps one wrapper
-    assert data.datasets["train"] is train
-    assert isinstance(data.datasets["val"], TransformedSubset)
-    images, targets = next(iter(data.val_dataloader()))
-    assert images.shape == (8, 3, 32, 32) and targets.shape == (8,)
-
-
-def test_strong_view_is_normalised_with_the_wrapped_modules_statistics():
-    data = strong_data()
-    data.setup("fit")
-    torch.manual_seed(1)
-    views = torch.stack([data.datasets["train"][0]["views"]["strong"] for _ in range(4)])
-    low = (0 - torch.tensor(PILCIFAR10.mean)) / torch.tensor(PILCIFAR10.std)
-    high = (1 - torch.tensor(PILCIFAR10.mean)) / torch.tensor(PILCIFAR10.std)
-    assert (views.amin(dim=(0, 2, 3)) >= low - 1e-5).all() and (views.amax(dim=(0, 2, 3)) <= high + 1e-5).all()
-    assert not torch.allclose(views[0], views[1])  # a fresh draw each time
-
-
-@pytest.mark.parametrize("mode", ["RGB", "L"])
-def test_every_operation_and_cutout_keep_size_and_mode(mode):
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).convert(mode)
-    for name, operation, low, high in OPERATIONS:
-        for value in (low, high):
-            out = operation(image, value)
-            assert (out.size, out.mode) == ((32, 32), mode), name
-    patched = np.asarray(cutout(image, 0.25, (16.0, 16.0)))
-    assert (patched[13:20, 13:20] == (np.array((125, 123, 114)) if mode == "RGB" else 121)).all()
-    assert np.array_equal(np.asarray(cutout(image, 0.0, (16.0, 16.0))), np.asarray(image))
-    assert FixMatchRandAugment(2)(image).size == (32, 32)
-
-
-def test_errors_name_the_per_sample_pipeline(digits):
-    with pytest.raises(ValueError, match="device_resident=True.*per-sample pipeline"):
-        StrongViewDataModule(PILCIFAR10(device_resident=True))
-    with pytest.raises(ValueError, match="TransformedSubset.*DigitsDataModule keeps TensorDataset"):
-        StrongViewDataModule(digits).setup("fit")
-
-
-# ----------------------------------------------------------------------------------------------- training
 def test_mlkd_trains_on_both_views_with_the_frozen_teacher(monkeypatch):
     torch.manual_seed(0)
     model = MLKD(student="resnet8", teacher="resnet8", num_classes=10)
