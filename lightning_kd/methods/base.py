@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from lightning_kd.losses import standardize_logits
 from lightning_kd.metrics import Agreement, TeacherStudentKL
 from lightning_kd.models import create_model
 from lightning_kd.terms.base import DistillationTerm
-from lightning_kd.models.weights import extract_state_dict, load_weights  # noqa: F401  (part of this module's API)
+from lightning_kd.models.weights import extract_state_dict, load_checkpoint, load_weights  # noqa: F401
 
 # The frozen teacher is in eval mode on purpose; Lightning warns about every eval-mode module at fit start.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
@@ -392,6 +393,21 @@ class DistillationModule(L.LightningModule):
                              f"but batch {batch_idx} holds labels from {low} to {high}: check the data module's "
                              "targets or set num_classes to the data's number of classes")
 
+    def _first_forward(self, role: str, forward: Callable[[Batch], ModelOutput], batch: Batch) -> ModelOutput:
+        """``forward(batch)``; on the first batch, a model that cannot run on the data's inputs (another resolution or
+        channel count than it was built for) gets one error naming the model, the input shape and the fix."""
+        if self._outputs_checked:
+            return forward(batch)
+        try:
+            return forward(batch)
+        except RuntimeError as error:
+            model = getattr(self, role)
+            raise ValueError(
+                f"the {role} ({type(model).__name__}) cannot run on inputs of shape {tuple(batch.input.shape)}: {error}. "
+                f"Give the data the input size and channels the {role} was built for, or build the {role} for the "
+                "data's (in_chans, and the input size of models with a fixed one); a teacher trained at another "
+                "resolution can get its inputs resized with MultiTeacherKD(teacher_inputs=[{'size': ...}])") from error
+
     def _check_outputs(self, student_logits: Tensor, teacher_logits: Tensor | None) -> None:
         if self._outputs_checked:
             return
@@ -441,8 +457,8 @@ class DistillationModule(L.LightningModule):
         batch.input = self._input(batch.input)  # once for both models
         # the teacher first: its activations are freed before the student's forward keeps its own for backward
         # (lower peak memory; about 10% faster on CPUs, where the allocator then reuses the same blocks)
-        teacher_out = None if self.teacher is None else self.forward_teacher(batch)
-        student_out = self.forward_student(batch)
+        teacher_out = None if self.teacher is None else self._first_forward("teacher", self.forward_teacher, batch)
+        student_out = self._first_forward("student", self.forward_student, batch)
         self._check_outputs(student_out.logits, None if teacher_out is None else teacher_out.logits)
         return student_out, teacher_out
 
@@ -609,8 +625,13 @@ class DistillationModule(L.LightningModule):
             raise ValueError("load_from_checkpoint(weights_only=False) would unpickle arbitrary objects, which can run "
                              "code from the file; lightning-kd checkpoints load with weights_only=True. For a file that "
                              "needs more, load it once in a trusted session and re-save its state_dict")
-        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
-                                            strict=strict, weights_only=True, **kwargs)
+        try:
+            return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
+                                                strict=strict, weights_only=True, **kwargs)
+        except (pickle.UnpicklingError, RuntimeError, EOFError):
+            if isinstance(checkpoint_path, (str, os.PathLike)) and os.path.isfile(checkpoint_path):
+                load_checkpoint(checkpoint_path)  # an unsafe or damaged file: its own error, naming the fix
+            raise
 
     def _rename_legacy_keys(self, state: dict[str, Tensor]) -> None:
         """Checkpoints written before a method's parts moved into its terms hold them at the top level

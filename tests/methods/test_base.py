@@ -474,3 +474,31 @@ def test_bad_mix_options_are_clear_errors(digits):
     model = KD(student="cnn_tiny", teacher="cnn_small", num_classes=10, in_chans=1, mix="mixup")
     with pytest.raises(ValueError, match="replayed from a cache"):
         make_trainer(max_steps=1, limit_val_batches=0, callbacks=[CachedTeacher()]).fit(model, digits)
+
+
+def test_a_teacher_built_for_another_resolution_gets_one_clear_error(digits):
+    from lightning_kd.methods import KD
+
+    model = KD(student=create_model("mlp", num_classes=10, in_chans=1, input_size=8),
+               teacher=create_model("mlp", num_classes=10, in_chans=1, input_size=16), num_classes=10, in_chans=1)
+    with pytest.raises(ValueError, match=r"the teacher \(MLP\) cannot run on inputs of shape \(\d+, 1, 8, 8\).*"
+                                         r"input size.*teacher_inputs"):
+        make_trainer(max_steps=1, limit_val_batches=0).fit(model, digits)
+
+
+def test_load_from_checkpoint_names_an_unsafe_file(tmp_path):
+    import os
+    from lightning_kd.methods import KD
+    from lightning_kd.models.weights import UnsafeCheckpointError
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'marker'}",))
+
+    torch.save({"state_dict": {}, "hyper_parameters": {"payload": Payload()}}, tmp_path / "unsafe.ckpt")
+    with pytest.raises(UnsafeCheckpointError, match="re-save|state_dict"):
+        KD.load_from_checkpoint(tmp_path / "unsafe.ckpt")
+    assert not (tmp_path / "marker").exists()
+    (tmp_path / "cut.ckpt").write_bytes((tmp_path / "unsafe.ckpt").read_bytes()[:40])
+    with pytest.raises(ValueError, match="cut.ckpt"):
+        KD.load_from_checkpoint(tmp_path / "cut.ckpt")
