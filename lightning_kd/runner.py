@@ -44,6 +44,7 @@ import json
 import os
 import random
 import re
+import shlex
 import sys
 import time
 import warnings
@@ -68,15 +69,19 @@ RESUME_FILES = ("interrupted.ckpt", "last.ckpt")
 
 class ValidationHistory(Callback):
     """Collects ``val/acc`` (``accuracies``) and every other scalar ``val/*`` metric (``curves`` by name) after every
-    validation (sanity checks excluded); kept in checkpoints so that a resumed fit reports the whole curves."""
+    validation (sanity checks excluded), and the optimizer step it ran at (``steps``); kept in checkpoints so that a
+    resumed fit reports the whole curves. Read in ``on_validation_end``, after the module's own
+    ``on_validation_epoch_end`` has logged (callbacks' epoch-end hooks run before the module's)."""
 
     def __init__(self):
         self.accuracies: list[float] = []
         self.curves: dict[str, list[float]] = {}
+        self.steps: list[int] = []
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+    def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
+        self.steps.append(int(trainer.global_step))
         if "val/acc" in trainer.callback_metrics:
             self.accuracies.append(float(trainer.callback_metrics["val/acc"]))
         for name, value in trainer.callback_metrics.items():
@@ -84,11 +89,13 @@ class ValidationHistory(Callback):
                 self.curves.setdefault(name, []).append(float(value))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"accuracies": list(self.accuracies), "curves": {k: list(v) for k, v in self.curves.items()}}
+        return {"accuracies": list(self.accuracies), "curves": {k: list(v) for k, v in self.curves.items()},
+                "steps": list(self.steps)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.accuracies = list(state_dict.get("accuracies", []))
         self.curves = {k: list(v) for k, v in state_dict.get("curves", {}).items()}
+        self.steps = list(state_dict.get("steps", []))
 
 
 class ResumeCheckpoints(Callback):
@@ -542,7 +549,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="lightning-kd run", description=run_experiment.__doc__)
     parser.add_argument("experiment", help="an experiment YAML file, e.g. configs/experiments/digits/quickstart.yaml")
     parser.add_argument("--overwrite", action="store_true", help="rerun runs that are already recorded")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the `lightning-kd fit` arguments of the teacher and of every run (one line per "
+                             "searched setting) and run nothing")
     args = parser.parse_args(argv)
+    if args.dry_run:
+        spec = load_experiment(args.experiment)
+        teacher = spec["teacher"]
+        weights = teacher.get("weights") or output_directory(spec, args.experiment) / "teacher-{}.pt".format(
+            _fingerprint(_common_arguments(spec) + _arguments(teacher), spec.get("seeds", [0])[0]))
+        print(f"# seeds {spec.get('seeds', [0])}: each run is fitted once per seed (--seed_everything <seed>)")
+        for entry, arguments in run_arguments(spec, weights):
+            print(f"{entry}: lightning-kd fit {shlex.join(arguments)}")
+        return
     from rich.console import Console
 
     from lightning.pytorch.utilities.exceptions import SIGTERMException

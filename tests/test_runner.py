@@ -106,3 +106,22 @@ def test_a_record_rerun_replaces_the_older_one_in_the_table():
     old = {"run": "KD", "seed": 0, "model": "m", "test/acc": 0.1}
     new = {"run": "KD", "seed": 0, "model": "m", "test/acc": 0.9}
     assert "| KD | m | 90.00 |" in results_table([old, new], ["KD"])
+
+
+def test_dry_run_prints_the_fit_arguments_of_every_run_and_runs_nothing(tmp_path, capsys, monkeypatch):
+    import shlex
+
+    from lightning_kd.runner import main as run_main
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    spec = yaml.safe_load(Path("configs/experiments/digits/quickstart.yaml").read_text())
+    spec["output_dir"] = str(tmp_path / "out")
+    (tmp_path / "quick.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    run_main([str(tmp_path / "quick.yaml"), "--dry-run"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
+    names = [line.split(": lightning-kd fit ", 1)[0] for line in lines]
+    assert names == ["teacher", *spec["runs"]]
+    kd = shlex.split(lines[names.index("KD")].split(": lightning-kd fit ", 1)[1])
+    assert kd[kd.index("--model") + 1] == "KD" and kd[kd.index("--model.teacher") + 1] == "cnn_large"
+    assert kd[kd.index("--model.teacher_weights") + 1].startswith(str(tmp_path / "out" / "teacher-"))
+    assert not (tmp_path / "out" / "results.jsonl").exists()
