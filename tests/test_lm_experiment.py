@@ -111,6 +111,8 @@ def test_ci_sized_pydoc_experiment_runs_and_reports_bits_per_byte(tmp_path, monk
     for record in tested:
         assert math.isfinite(record["test/bpb"]) and 0 < record["test/bpb"] < 16
         assert record["best_val_bpb"] == min(record["val_bpb"])
+        # validated after steps 2 and 4, each value that validation's own (not the one before it)
+        assert len(record["val_bpb"]) == 2 and record["val_bpb"][0] != record["val_bpb"][1]
     candidates = {r["run"]: r["val_bpb"][-1] for r in records if r.get("search_of") == "forward KL"}
     assert len(candidates) == 2
     chosen = next(r for r in records if r["run"] == "forward KL (selected)")
