@@ -33,7 +33,7 @@ def build_optimizer(optimizer) -> torch.optim.Optimizer:
 def restates_default_optimizer(optimizer) -> bool:
     """True when a config spells out the default optimizer (same class and hyper-parameters) instead of leaving it
     out: the spelled-out one loses the default's fused CUDA kernel."""
-    if optimizer == DEFAULT_OPTIMIZER:
+    if optimizer == DEFAULT_OPTIMIZER or isinstance(optimizer, str):  # a method's own default (e.g. lm.adamw)
         return False
     built, default = build_optimizer(optimizer), sgd([torch.nn.Parameter(torch.zeros(1))])
 
