@@ -206,7 +206,6 @@ def test_sigterm_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_path)
     assert all(torch.equal(expected[k], got[k]) for k in expected), "resumed weights differ from an uninterrupted run"
 
 
-@pytest.mark.slow
 def test_sigterm_mid_epoch_then_rerun_gives_the_uninterrupted_weights(tmp_path):
     """The same through the ``lightning-kd run`` command (three processes)."""
     (tmp_path / "stopper.py").write_text(STOPPER)
@@ -297,7 +296,6 @@ def test_a_claimed_run_is_left_to_its_process_until_it_dies(tmp_path):
         assert taken, "a dead process's claim is free"
 
 
-@pytest.mark.slow
 def test_two_runners_on_one_folder_run_each_seed_once(tmp_path):
     (tmp_path / "stopper.py").write_text(STOPPER)
     spec = yaml.safe_load(_experiment(tmp_path, "shared").read_text())
