@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
@@ -133,3 +134,21 @@ class StepRecorder(Callback):
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         self.steps.append({"stage": "val", "input": batch[0].clone(), "target": batch[1].clone()})
+
+
+def assert_step_is_ce_plus(model, student_layers, teacher_layers, distillation, seed=0):
+    """One training step of ``model`` (cnn models on 8×8 digits-like inputs) equals ``ce_weight · CE`` plus
+    ``distillation(student_feats, teacher_feats)``, the features of the named layers taken with plain forward hooks
+    (independent of the method's own feature capture)."""
+    from conftest import hooked_features
+
+    generator = torch.Generator().manual_seed(seed)
+    images, labels = torch.randn(8, 1, 8, 8, generator=generator), torch.randint(0, 10, (8,), generator=generator)
+    model.log = lambda *args, **kwargs: None
+    loss = model.training_step((images, labels), 0)
+    with torch.no_grad():
+        student_feats = hooked_features(model.student, student_layers, images)
+        teacher_feats = hooked_features(model.teacher, teacher_layers, images)
+        ce = torch.nn.functional.cross_entropy(model.student(images), labels)
+        expected = model.hparams.ce_weight * ce + distillation(student_feats, teacher_feats)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
