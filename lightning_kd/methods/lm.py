@@ -52,7 +52,7 @@ def adamw(params) -> torch.optim.Optimizer:
 def build_causal_lm(model: str | dict | nn.Module, vocab: int | None = None) -> nn.Module:
     """A causal LM from ``"hf:<directory or hub id>"`` (:mod:`lightning_kd.models.hf`) or from a dict of
     ``tiny_causal_lm`` arguments (a small Llama-style model from a config; ``vocab`` fills in a missing
-    ``vocab_size``); a module passes through."""
+    ``vocab_size``; ``{"arch": "bert", ...}`` builds a ``tiny_encoder`` instead); a module passes through."""
     if isinstance(model, nn.Module):
         return model
     from lightning_kd.models import hf
@@ -61,6 +61,9 @@ def build_causal_lm(model: str | dict | nn.Module, vocab: int | None = None) -> 
         config = dict(model)
         if vocab is not None:
             config.setdefault("vocab_size", vocab)
+        if config.get("arch") == "bert":  # an encoder, for intermediate-layer distillation
+            config.pop("arch")
+            return hf.tiny_encoder(**config)
         return hf.tiny_causal_lm(**config)
     if isinstance(model, str) and hf.is_hf_name(model):
         return hf.load_hf_model(model, task="causal_lm")
@@ -92,6 +95,10 @@ class LanguageModelKD(DistillationModule):
     ``AttentionRelationTerm``), each logged as ``train/loss_<term>_<loss>`` (``train/loss_kd`` for a loss named as
     its term). The cross-entropy and the token terms are normalised by the number of valid tokens of all ranks (see
     :mod:`lightning_kd.terms.token`); losses are computed in float32.
+
+    Encoders without an LM head (e.g. ``BertModel``, or ``{"arch": "bert", ...}``) distil their intermediate layers
+    alone, as TinyBERT's general stage does on unlabelled text: ``ce_weight=0``, ``kd_weight=0`` and feature terms
+    (``HiddenStateTerm``); validation then logs the terms' summed loss as ``val/loss``.
 
     Models are ``nn.Module`` s (Hugging Face causal LMs, called as ``model(input_ids=..., attention_mask=...)``),
     ``"hf:<directory or hub id>"`` or a dict of :func:`lightning_kd.models.hf.tiny_causal_lm` arguments (YAML:
@@ -319,8 +326,10 @@ class LanguageModelKD(DistillationModule):
         """The student's logits ``(B, T, V)``."""
         return self._logits(self.student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False))
 
-    def _logits(self, output: Any) -> Tensor:
-        logits = output if isinstance(output, Tensor) else output.logits
+    def _logits(self, output: Any) -> Tensor | None:
+        logits = output if isinstance(output, Tensor) else getattr(output, "logits", None)
+        if logits is None:  # an encoder without an LM head (e.g. BertModel): features only
+            return None
         vocab_slice = self.hparams.get("vocab_slice")
         return logits[..., :vocab_slice] if vocab_slice else logits
 
@@ -414,6 +423,9 @@ class LanguageModelKD(DistillationModule):
 
     def _training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         student_out, teacher_out = self._forward_pair(batch, batch_idx)
+        if self._features_only(student_out):
+            losses = self.distillation_losses(batch, student_out, teacher_out)
+            return self._weigh_by_tokens(self.total_loss(losses, batch_idx), batch)
         ce = self.token_cross_entropy(batch, student_out)
         losses = {"ce": self.hparams.ce_weight * ce, **self.distillation_losses(batch, student_out, teacher_out)}
         loss = self.total_loss(losses, batch_idx)
@@ -488,13 +500,32 @@ class LanguageModelKD(DistillationModule):
         return _tensor(student_out.features[name])
 
     def _make_metrics(self) -> nn.ModuleDict:
-        names = ["nll", "acc"] + (["teacher_nll", "agreement"] if self.teacher is not None else [])
+        names = ["nll", "acc", "features"] + (["teacher_nll", "agreement"] if self.teacher is not None else [])
         return nn.ModuleDict({name: MeanMetric() for name in names})
+
+    def _features_only(self, student_out: ModelOutput) -> bool:
+        """Whether the student is an encoder without an LM head (no logits, no chunked term): the module then trains
+        on its terms alone (intermediate-layer distillation, e.g. TinyBERT's general stage on unlabelled text) and
+        validates their sum as ``loss``."""
+        if student_out.logits is not None or any(getattr(t, "chunked", False) for t in self.terms.values()):
+            return False
+        if self.hparams.ce_weight:
+            raise ValueError(f"the student ({type(self.student).__name__}) gives no logits, so there is no next-token "
+                             "cross-entropy: pass ce_weight=0 and kd_weight=0 and distil its layers with terms "
+                             "(e.g. terms={'hidden': HiddenStateTerm(...)}), or use a model with an LM head")
+        if not self.terms or any(getattr(term, "reads_logits", False) for term in self.terms.values()):
+            raise ValueError(f"the student ({type(self.student).__name__}) gives no logits, but a term reads them: "
+                             "use feature terms only (HiddenStateTerm, AttentionRelationTerm) with kd_weight=0")
+        return True
 
     def _evaluation_step(self, batch: Any, batch_idx: int, stage: str) -> None:
         batch = self.unpack_batch(batch)
         student_out, teacher_out = self._forward_pair(batch, batch_idx)
         metrics = self.val_metrics if stage == "val" else self.test_metrics
+        if self._features_only(student_out):
+            losses = self.distillation_losses(batch, student_out, teacher_out)
+            metrics["features"].update(torch.stack([value.float() for value in losses.values()]).sum())
+            return
         logits = student_out.logits[:, :-1].float()
         valid = valid_token_mask(tuple(batch.target.shape), batch.target, batch.attention_mask, shift=True,
                                  device=logits.device)
@@ -519,6 +550,9 @@ class LanguageModelKD(DistillationModule):
 
     def _log_evaluation(self, stage: str) -> None:
         metrics = self.val_metrics if stage == "val" else self.test_metrics
+        if metrics["features"].update_called:  # an encoder: the terms' summed loss
+            self.log(f"{stage}/loss", metrics["features"].compute(), prog_bar=True)
+            metrics["features"].reset()
         if not metrics["nll"].update_called:
             return
         scale = self.tokens_per_byte() / math.log(2.0)

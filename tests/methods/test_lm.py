@@ -274,3 +274,24 @@ def test_gradient_accumulation_normalises_by_the_token_count_of_the_whole_step()
     assert moved
     for key in moved:
         torch.testing.assert_close(accumulated[key], whole[key], rtol=1e-4, atol=1e-6)
+
+
+def test_encoders_distil_their_hidden_states_without_labels():
+    """TinyBERT's general stage: two BERT encoders (no LM head), the student trained on the projected hidden-state
+    MSE alone; validation reports the terms' loss; the teacher never changes."""
+    model = LanguageModelKD({"arch": "bert", "vocab_size": 256, "hidden_size": 32, "layers": 2, "seed": 0},
+                            {"arch": "bert", "vocab_size": 256, "hidden_size": 48, "layers": 4, "seed": 1},
+                            ce_weight=0.0, kd_weight=0.0, terms={"hidden": HiddenStateTerm(layer_map={0: 1, 1: 3})})
+    teacher = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    trainer = make_trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=2)
+    trainer.fit(model, text_data())
+    logged = trainer.callback_metrics
+    assert torch.isfinite(logged["train/loss_hidden"]) and torch.isfinite(logged["val/loss"])
+    assert "val/bpb" not in logged
+    assert all(torch.equal(v, model.teacher.state_dict()[k]) for k, v in teacher.items())
+    assert model.terms["hidden"].projectors[0].weight.shape == (48, 32)
+    with pytest.raises(ValueError, match="no next-token cross-entropy: pass ce_weight=0"):
+        bad = LanguageModelKD({"arch": "bert", "vocab_size": 256, "hidden_size": 32, "layers": 2},
+                              {"arch": "bert", "vocab_size": 256, "hidden_size": 48, "layers": 4}, kd_weight=0.0,
+                              terms={"hidden": HiddenStateTerm(layer_map={0: 1, 1: 3})})
+        make_trainer(max_steps=1, limit_val_batches=0).fit(bad, text_data())
