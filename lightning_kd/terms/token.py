@@ -461,7 +461,7 @@ class AttentionRelationTerm(DistillationTerm):
     Self-Attention Relation Distillation for Compressing Pretrained Transformers", Findings of ACL 2021, Eq. 4–6).
 
     For each of the queries, keys and values ``A`` of one student and one teacher layer (outputs of ``q_proj``,
-    ``k_proj``, ``v_proj``, hooked by name; before rotary embedding), split into ``relation_heads`` heads of size
+    ``k_proj``, ``v_proj``, or BERT's ``query``, ``key``, ``value``, hooked by name; before rotary embedding), split into ``relation_heads`` heads of size
     ``d_r``: ``R = softmax(A_a A_a^T / sqrt(d_r))`` per head; the loss is
     ``sum_{A in Q, K, V} mean_{a, t} KL(R_T[a, t] || R_S[a, t])``, the mean over relation heads and the query tokens
     whose attention mask is set. The relations are ``T × T`` whatever the hidden sizes, so the models may differ in
@@ -473,10 +473,11 @@ class AttentionRelationTerm(DistillationTerm):
     Args:
         student_layer, teacher_layer: decoder layer indices (negative: from the end).
         relation_heads: number of relation heads (the paper uses 48 for large and 12 for base-size teachers).
-        causal: mask relations to later tokens.
+        causal: mask relations to later tokens (``False`` for bidirectional encoders such as BERT, the paper's).
     """
 
-    PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+    #: module names of the query, key and value projections: Llama/Mistral/Qwen's, then BERT's
+    PROJECTIONS = (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value"))
 
     def __init__(self, student_layer: int = -1, teacher_layer: int = -1, *, relation_heads: int = 8,
                  causal: bool = True, **kwargs):
@@ -491,12 +492,14 @@ class AttentionRelationTerm(DistillationTerm):
         layer = layers[_layer_index(index, len(layers), role)]
         names = [name for name, _ in model.get_submodule(layer).named_modules()]
         found = []
-        for projection in self.PROJECTIONS:
-            matches = [name for name in names if name.split(".")[-1] == projection]
+        for aliases in self.PROJECTIONS:
+            matches = next((found for found in ([name for name in names if name.split(".")[-1] == alias]
+                                                for alias in aliases) if found), [])
             if len(matches) != 1:
-                raise ValueError(f"{role} layer {layer!r} ({type(model).__name__}) has no single {projection!r} module "
-                                 "(separate query/key/value projections as in Llama, Mistral or Qwen): "
-                                 "AttentionRelationTerm reads their outputs")
+                raise ValueError(f"{role} layer {layer!r} ({type(model).__name__}) has no single "
+                                 f"{' or '.join(repr(a) for a in aliases)} module (separate query/key/value "
+                                 "projections as in Llama, Mistral, Qwen or BERT): AttentionRelationTerm reads their "
+                                 "outputs")
             found.append(f"{layer}.{matches[0]}")
         return found
 

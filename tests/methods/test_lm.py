@@ -281,12 +281,17 @@ def test_encoders_distil_their_hidden_states_without_labels():
     MSE alone; validation reports the terms' loss; the teacher never changes."""
     model = LanguageModelKD({"arch": "bert", "vocab_size": 256, "hidden_size": 32, "layers": 2, "seed": 0},
                             {"arch": "bert", "vocab_size": 256, "hidden_size": 48, "layers": 4, "seed": 1},
-                            ce_weight=0.0, kd_weight=0.0, terms={"hidden": HiddenStateTerm(layer_map={0: 1, 1: 3})})
+                            ce_weight=0.0, kd_weight=0.0,
+                            terms={"hidden": HiddenStateTerm(layer_map={0: 1, 1: 3}),
+                                   "relation": AttentionRelationTerm(relation_heads=4, causal=False)})
+    assert model.terms["relation"].student_layers == [f"encoder.layer.1.attention.self.{p}"
+                                                      for p in ("query", "key", "value")]
     teacher = {k: v.clone() for k, v in model.teacher.state_dict().items()}
     trainer = make_trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=2)
     trainer.fit(model, text_data())
     logged = trainer.callback_metrics
     assert torch.isfinite(logged["train/loss_hidden"]) and torch.isfinite(logged["val/loss"])
+    assert logged["train/loss_relation"] > 0
     assert "val/bpb" not in logged
     assert all(torch.equal(v, model.teacher.state_dict()[k]) for k, v in teacher.items())
     assert model.terms["hidden"].projectors[0].weight.shape == (48, 32)
