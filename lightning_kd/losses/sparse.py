@@ -23,17 +23,15 @@ with the logits' positions (shifted with them). Everything is computed in float3
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_kd.losses.token import (
     _autocast_off,
-    _check_fraction,
     _check_temperature,
     _log_probs,
+    divergence_from_log_probs,
     reduce_tokens,
     shift_logits,
     valid_token_mask,
@@ -109,20 +107,6 @@ def sparse_buckets(student_logits: Tensor, values: Tensor, indices: Tensor, temp
         return torch.cat([log_p_top, log_p_tail], -1), torch.cat([log_q_top, log_q_tail], -1)
 
 
-def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
-    """``sum a (log a - log b)`` with ``0 log 0 = 0``."""
-    a = log_a.exp()
-    return torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a)).sum(-1)
-
-
-def _mixture(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
-    if weight_a == 0.0:
-        return log_b
-    if weight_a == 1.0:
-        return log_a
-    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
-
-
 def sparse_divergence_per_token(student_logits: Tensor, values: Tensor, indices: Tensor,
                                 divergence: str = "forward_kl", *, temperature: float | Tensor = 1.0,
                                 beta: float = 0.5, skew: float = 0.1, normalize: bool = False) -> Tensor:
@@ -144,25 +128,7 @@ def sparse_divergence_per_token(student_logits: Tensor, values: Tensor, indices:
         raise ValueError(f"unknown divergence {divergence!r}; choose one of {list(SPARSE_DIVERGENCES)}")
     log_p, log_q = sparse_buckets(student_logits, values, indices, temperature)
     with _autocast_off(log_p.device):
-        if divergence == "forward_kl":
-            return _kl(log_p, log_q)
-        if divergence == "reverse_kl":
-            return _kl(log_q, log_p)
-        if divergence == "tvd":
-            return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
-        if divergence == "jsd":
-            beta = _check_fraction("beta", beta)
-            if beta == 0.0:
-                return _kl(log_p, log_q)
-            if beta == 1.0:
-                return _kl(log_q, log_p)
-            log_m = _mixture(log_p, log_q, beta)
-            jsd = beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
-            return jsd / (beta * (1.0 - beta)) if normalize else jsd
-        skew = _check_fraction("skew", skew)
-        if divergence == "skew_forward_kl":
-            return _kl(log_p, _mixture(log_p, log_q, skew))
-        return _kl(log_q, _mixture(log_q, log_p, skew))
+        return divergence_from_log_probs(log_p, log_q, divergence, beta=beta, skew=skew, normalize=normalize)
 
 
 def sparse_token_distillation_loss(student_logits: Tensor, values: Tensor, indices: Tensor,

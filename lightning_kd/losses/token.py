@@ -35,13 +35,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
-from typing import ContextManager
+from typing import Any, ContextManager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "divergence_from_log_probs",
     "DIVERGENCES",
     "divergence_per_token",
     "forward_kl_per_token",
@@ -127,6 +128,43 @@ def _check_pair(student_logits: Tensor, teacher_logits: Tensor) -> None:
 # --------------------------------------------------------------------------- #
 # per-token divergences
 # --------------------------------------------------------------------------- #
+def divergence_from_log_probs(log_p: Tensor, log_q: Tensor, divergence: str = "forward_kl", *, beta: float = 0.5,
+                              skew: float = 0.1, normalize: bool = False) -> Tensor:
+    """The divergence named ``divergence`` between the teacher's ``log p`` and the student's ``log q`` (float32
+    log-probabilities over the last dimension, finite), one value per position: what every per-token divergence of
+    this module and of :mod:`lightning_kd.losses.sparse` computes once its two distributions are formed."""
+    if divergence == "forward_kl":
+        return _kl_from_log_probs(log_p, log_q)
+    if divergence == "reverse_kl":
+        return _kl_from_log_probs(log_q, log_p)
+    if divergence == "tvd":
+        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    if divergence == "jsd":
+        beta = _check_fraction("beta", beta)
+        if beta == 0.0:
+            return _kl_from_log_probs(log_p, log_q)
+        if beta == 1.0:
+            return _kl_from_log_probs(log_q, log_p)
+        log_m = _log_mixture(log_p, log_q, beta)
+        jsd = beta * _kl_from_log_probs(log_p, log_m) + (1.0 - beta) * _kl_from_log_probs(log_q, log_m)
+        return jsd / (beta * (1.0 - beta)) if normalize else jsd
+    skew = _check_fraction("skew", skew)
+    if divergence == "skew_forward_kl":
+        return _kl_from_log_probs(log_p, _log_mixture(log_p, log_q, skew))
+    if divergence == "skew_reverse_kl":
+        return _kl_from_log_probs(log_q, _log_mixture(log_q, log_p, skew))
+    raise ValueError(f"unknown divergence {divergence!r}; choose one of {sorted(DIVERGENCES)}")
+
+
+def _per_token(student_logits: Tensor, teacher_logits: Tensor, divergence: str, temperature: float | Tensor,
+               **options: Any) -> Tensor:
+    _check_pair(student_logits, teacher_logits)
+    temperature = _check_temperature(temperature)
+    with _autocast_off(student_logits.device):
+        log_p, log_q = _log_probs(teacher_logits, temperature), _log_probs(student_logits, temperature)
+        return divergence_from_log_probs(log_p, log_q, divergence, **options)
+
+
 def forward_kl_per_token(student_logits: Tensor, teacher_logits: Tensor, temperature: float | Tensor = 1.0) -> Tensor:
     """Forward KL ``KL(p || q) = sum_v p_v (log p_v - log q_v)`` per position (teacher ``p``, student ``q``).
 
@@ -136,18 +174,12 @@ def forward_kl_per_token(student_logits: Tensor, teacher_logits: Tensor, tempera
         >>> round(forward_kl_per_token(s, t).item(), 4)  # 0.75 ln 1.5 + 0.25 ln 0.5
         0.1308
     """
-    _check_pair(student_logits, teacher_logits)
-    temperature = _check_temperature(temperature)
-    with _autocast_off(student_logits.device):
-        return _kl_from_log_probs(_log_probs(teacher_logits, temperature), _log_probs(student_logits, temperature))
+    return _per_token(student_logits, teacher_logits, "forward_kl", temperature)
 
 
 def reverse_kl_per_token(student_logits: Tensor, teacher_logits: Tensor, temperature: float | Tensor = 1.0) -> Tensor:
     """Reverse KL ``KL(q || p) = sum_v q_v (log q_v - log p_v)`` per position (student ``q``, teacher ``p``)."""
-    _check_pair(student_logits, teacher_logits)
-    temperature = _check_temperature(temperature)
-    with _autocast_off(student_logits.device):
-        return _kl_from_log_probs(_log_probs(student_logits, temperature), _log_probs(teacher_logits, temperature))
+    return _per_token(student_logits, teacher_logits, "reverse_kl", temperature)
 
 
 def generalized_jsd_per_token(student_logits: Tensor, teacher_logits: Tensor, beta: float = 0.5,
@@ -164,18 +196,7 @@ def generalized_jsd_per_token(student_logits: Tensor, teacher_logits: Tensor, be
     unscaled, so published ``beta`` values and loss weights carry over. With ``normalize=True`` the value is divided
     by ``beta (1 - beta)``, which makes it continuous on ``[0, 1]`` (it tends to the two KLs at the ends).
     """
-    _check_pair(student_logits, teacher_logits)
-    beta = _check_fraction("beta", beta)
-    temperature = _check_temperature(temperature)
-    with _autocast_off(student_logits.device):
-        log_p, log_q = _log_probs(teacher_logits, temperature), _log_probs(student_logits, temperature)
-        if beta == 0.0:
-            return _kl_from_log_probs(log_p, log_q)
-        if beta == 1.0:
-            return _kl_from_log_probs(log_q, log_p)
-        log_m = _log_mixture(log_p, log_q, beta)
-        jsd = beta * _kl_from_log_probs(log_p, log_m) + (1.0 - beta) * _kl_from_log_probs(log_q, log_m)
-        return jsd / (beta * (1.0 - beta)) if normalize else jsd
+    return _per_token(student_logits, teacher_logits, "jsd", temperature, beta=beta, normalize=normalize)
 
 
 def skew_forward_kl_per_token(student_logits: Tensor, teacher_logits: Tensor, skew: float = 0.1,
@@ -185,12 +206,7 @@ def skew_forward_kl_per_token(student_logits: Tensor, teacher_logits: Tensor, sk
     Teacher ``p``, student ``q``. ``skew = 0`` is the forward KL ``KL(p || q)``; ``skew = 1`` gives 0. Default 0.1,
     the paper's value.
     """
-    _check_pair(student_logits, teacher_logits)
-    skew = _check_fraction("skew", skew)
-    temperature = _check_temperature(temperature)
-    with _autocast_off(student_logits.device):
-        log_p, log_q = _log_probs(teacher_logits, temperature), _log_probs(student_logits, temperature)
-        return _kl_from_log_probs(log_p, _log_mixture(log_p, log_q, skew))
+    return _per_token(student_logits, teacher_logits, "skew_forward_kl", temperature, skew=skew)
 
 
 def skew_reverse_kl_per_token(student_logits: Tensor, teacher_logits: Tensor, skew: float = 0.1,
@@ -200,23 +216,13 @@ def skew_reverse_kl_per_token(student_logits: Tensor, teacher_logits: Tensor, sk
     Teacher ``p``, student ``q``. ``skew = 0`` is the reverse KL ``KL(q || p)``; ``skew = 1`` gives 0. Default 0.1,
     the paper's value.
     """
-    _check_pair(student_logits, teacher_logits)
-    skew = _check_fraction("skew", skew)
-    temperature = _check_temperature(temperature)
-    with _autocast_off(student_logits.device):
-        log_p, log_q = _log_probs(teacher_logits, temperature), _log_probs(student_logits, temperature)
-        return _kl_from_log_probs(log_q, _log_mixture(log_q, log_p, skew))
+    return _per_token(student_logits, teacher_logits, "skew_reverse_kl", temperature, skew=skew)
 
 
 def total_variation_per_token(student_logits: Tensor, teacher_logits: Tensor,
                               temperature: float | Tensor = 1.0) -> Tensor:
     """Total variation distance ``TVD(p, q) = 1/2 sum_v |p_v - q_v|`` per position (symmetric, in ``[0, 1]``)."""
-    _check_pair(student_logits, teacher_logits)
-    temperature = _check_temperature(temperature)
-    with _autocast_off(student_logits.device):
-        p = F.softmax(teacher_logits.float() / temperature, dim=-1)
-        q = F.softmax(student_logits.float() / temperature, dim=-1)
-        return 0.5 * (p - q).abs().sum(-1)
+    return _per_token(student_logits, teacher_logits, "tvd", temperature)
 
 
 DIVERGENCES: dict[str, Callable[..., Tensor]] = {
