@@ -24,7 +24,6 @@ with the logits' positions (shifted with them). Everything is computed in float3
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_kd.losses.token import (

@@ -34,12 +34,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from contextlib import nullcontext
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from lightning_kd.losses.logit import _autocast_off
 
 __all__ = [
     "divergence_from_log_probs",
@@ -67,13 +68,6 @@ __all__ = [
 # Scaled logits are clamped here so that logits of -inf (masked vocabulary entries) give 0 * finite = 0 rather than
 # 0 * inf = nan in p * (log p - log m).
 _LOGIT_FLOOR = -1e30
-
-
-def _autocast_off(device: torch.device) -> ContextManager:
-    try:
-        return torch.autocast(device_type=device.type, enabled=False)
-    except (RuntimeError, ValueError):
-        return nullcontext()
 
 
 def _check_temperature(temperature: float | Tensor) -> float | Tensor:

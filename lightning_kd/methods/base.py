@@ -22,7 +22,7 @@ from lightning_kd.features import capture_features, check_layers, feature_shapes
 from lightning_kd.losses import standardize_logits
 from lightning_kd.metrics import Agreement, TeacherStudentKL
 from lightning_kd.models import create_model
-from lightning_kd.terms.base import DistillationTerm
+from lightning_kd.terms.base import DistillationTerm, warmup_factor
 from lightning_kd.models.weights import extract_state_dict, load_checkpoint, load_weights  # noqa: F401
 
 # The frozen teacher is in eval mode on purpose; Lightning warns about every eval-mode module at fit start.
@@ -344,7 +344,7 @@ class DistillationModule(L.LightningModule):
     def warmup_ramp(self, warmup_epochs: int) -> float:
         """Linear warm-up factor ``min(epoch / warmup_epochs, 1)`` with epochs counted from 1 (as in the DKD
         reference code); 1 when ``warmup_epochs`` is 0."""
-        return min((self.current_epoch + 1) / warmup_epochs, 1.0) if warmup_epochs > 0 else 1.0
+        return warmup_factor(self.current_epoch, warmup_epochs)
 
     def distillation_logits(self, student_out: ModelOutput, teacher_out: ModelOutput) -> tuple[Tensor, Tensor]:
         """Student and teacher logits as a loss should see them (standardized when ``standardize``)."""

@@ -44,6 +44,12 @@ def _plain(value: Any, where: str) -> Any:
                     "or lists/dicts of them, so that checkpoints can store the term as a spec (no pickled objects)")
 
 
+def warmup_factor(epoch: int, warmup_epochs: int) -> float:
+    """Linear warm-up ``min((epoch + 1) / warmup_epochs, 1)`` of a 0-based ``epoch``, i.e. epochs counted from 1 as in
+    the DKD reference code; 1 when ``warmup_epochs`` is 0."""
+    return min((epoch + 1) / warmup_epochs, 1.0) if warmup_epochs > 0 else 1.0
+
+
 class DistillationTerm(nn.Module):
     """One distillation loss: the layers it reads, its trainable parts, and its weighted losses by name.
 
@@ -141,8 +147,8 @@ class DistillationTerm(nn.Module):
         return self.host.current_epoch
 
     def ramp(self) -> float:
-        """``min((epoch + 1) / warmup_epochs, 1)``; 1 without warm-up."""
-        return min((self.epoch + 1) / self.warmup_epochs, 1.0) if self.warmup_epochs > 0 else 1.0
+        """``min((epoch + 1) / warmup_epochs, 1)``; 1 without warm-up (then no host is needed)."""
+        return warmup_factor(self.epoch, self.warmup_epochs) if self.warmup_epochs else 1.0
 
     # ---------------------------------------------------------------------------------------------- layers
     def layers(self, student: nn.Module, teacher: nn.Module | None) -> tuple[Sequence[str], Sequence[str]]:
