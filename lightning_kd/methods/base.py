@@ -121,7 +121,8 @@ class DistillationModule(L.LightningModule):
     hparams_ignore: tuple[str, ...] = ()
 
     requires_teacher = True
-    #: layers hooked by :meth:`forward_student` / :meth:`forward_teacher` (set by :meth:`use_features`)
+    #: layers hooked by :meth:`forward_student` / :meth:`forward_teacher`: the union of :meth:`use_features`' and the
+    #: terms' layers
     student_layers: tuple[str, ...] | list[str] = ()
     teacher_layers: tuple[str, ...] | list[str] = ()
 
@@ -270,35 +271,6 @@ class DistillationModule(L.LightningModule):
         model's stages after the stem; the two lists must be equally long."""
         self.use_features(*stage_pairs(self.student, self.teacher, student_layers, teacher_layers, type(self).__name__))
 
-    def init_projection(self, input_shape: Sequence[int] | None) -> None:
-        """For methods whose trainable parts are sized by their hooked student and teacher feature (one each): build
-        them now from a dry run on inputs of ``input_shape``, or, when it is ``None``, in :meth:`setup` from the
-        first sample of the data, storing the shape in ``hparams.input_shape`` so that ``load_from_checkpoint``
-        rebuilds them before their weights load. The method implements :meth:`build_projection` (one feature each)
-        or :meth:`build_projections` (several)."""
-        self._projection_pending = input_shape is None
-        if input_shape is not None:
-            self._build_projection_for(input_shape)
-
-    def build_projection(self, student_shape: torch.Size, teacher_shape: torch.Size) -> None:
-        """Build the method's trainable parts for features of these shapes (batch dimension first)."""
-        raise NotImplementedError(f"{type(self).__name__} calls init_projection but does not define build_projection")
-
-    def build_projections(self, student_shapes: list[torch.Size], teacher_shapes: list[torch.Size]) -> None:
-        """Build the method's trainable parts for all its hooked features, in the order of ``student_layers`` and
-        ``teacher_layers``. By default, for one feature each, :meth:`build_projection`; methods that hook several
-        layers override this one instead."""
-        if len(student_shapes) != 1 or len(teacher_shapes) != 1:
-            raise NotImplementedError(f"{type(self).__name__} hooks {len(student_shapes)} student and "
-                                      f"{len(teacher_shapes)} teacher layers but defines build_projection for one each: "
-                                      "define build_projections")
-        self.build_projection(student_shapes[0], teacher_shapes[0])
-
-    def _build_projection_for(self, input_shape: Sequence[int]) -> None:
-        self.build_projections(list(feature_shapes(self.student, self.student_layers, input_shape).values()),
-                               list(feature_shapes(self.teacher, self.teacher_layers, input_shape).values()))
-        self._projection_pending = False
-
     def _input(self, x: Tensor) -> Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last and x.dim() == 4 else x
 
@@ -403,7 +375,8 @@ class DistillationModule(L.LightningModule):
         except RuntimeError as error:
             model = getattr(self, role)
             raise ValueError(
-                f"the {role} ({type(model).__name__}) cannot run on inputs of shape {tuple(batch.input.shape)}: {error}. "
+                f"the {role} ({type(model).__name__}) cannot run on inputs of shape {tuple(batch.input.shape)}: "
+                f"{error}. "
                 f"Give the data the input size and channels the {role} was built for, or build the {role} for the "
                 "data's (in_chans, and the input size of models with a fixed one); a teacher trained at another "
                 "resolution can get its inputs resized with MultiTeacherKD(teacher_inputs=[{'size': ...}])") from error
@@ -424,13 +397,10 @@ class DistillationModule(L.LightningModule):
         if data_classes is not None and data_classes != self.num_classes:
             raise ValueError(f"the data module has {data_classes} classes but the model was built with "
                              f"num_classes={self.num_classes}: use num_classes={data_classes} (the CLI links it)")
-        if getattr(self, "_projection_pending", False) or self._pending_terms():
+        if self._pending_terms():
             if self.hparams.get("input_shape") is None:
                 self.hparams.input_shape = tuple(infer_input_shape(self.trainer, stage))
-            if getattr(self, "_projection_pending", False):
-                self._build_projection_for(self.hparams.input_shape)
-            if self._pending_terms():
-                self._build_terms(self.hparams.input_shape, self._pending_terms())
+            self._build_terms(self.hparams.input_shape, self._pending_terms())
         for term in self.terms.values():
             term.setup(stage)
 
@@ -622,9 +592,9 @@ class DistillationModule(L.LightningModule):
         tensors, numbers, strings and containers, never as pickled objects that could run code (terms are stored as
         specs, optimizer factories not at all). ``weights_only=False`` is refused."""
         if weights_only is False:
-            raise ValueError("load_from_checkpoint(weights_only=False) would unpickle arbitrary objects, which can run "
-                             "code from the file; lightning-kd checkpoints load with weights_only=True. For a file that "
-                             "needs more, load it once in a trusted session and re-save its state_dict")
+            raise ValueError("load_from_checkpoint(weights_only=False) would unpickle arbitrary objects, which can "
+                             "run code from the file; lightning-kd checkpoints load with weights_only=True. For a "
+                             "file that needs more, load it once in a trusted session and re-save its state_dict")
         try:
             return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
                                                 strict=strict, weights_only=True, **kwargs)
@@ -635,7 +605,8 @@ class DistillationModule(L.LightningModule):
 
     def _rename_legacy_keys(self, state: dict[str, Tensor]) -> None:
         """Checkpoints written before a method's parts moved into its terms hold them at the top level
-        (``projector.weight``); rename each such key to the one term entry it now is (``terms.fitnet.projector.weight``)."""
+        (``projector.weight``); rename each such key to the one term entry it now is
+        (``terms.fitnet.projector.weight``)."""
         own = set(self.state_dict())
         for key in [k for k in state if k not in own]:
             moved = [f"terms.{name}.{key}" for name in self.terms if f"terms.{name}.{key}" in own]
